@@ -3,6 +3,45 @@
 Never imports ComfyUI. Public names are re-exported here; see DEVELOPERS.md for the contracts.
 """
 
+from .config import Flux2Config
 from .errors import CheckpointError, Flux2Error, GenerationCancelled, InputError
+from .kv_cache import Flux2KVCache
+from .model.transformer import Flux2Transformer
+from .sampling import (
+    Flux2Pipeline,
+    StepInfo,
+    flux2_sigmas,
+    generate,
+    prepare_reference_latents,
+    sample_latents,
+    validate_size,
+)
+from .text_encoders import Flux2TextEncoder, TextEncoderSpec, load_text_encoder
+from .transformer_loader import load_transformer
+from .vae import Flux2VAE, Flux2VAEConfig, load_vae
 
-__all__ = ["CheckpointError", "Flux2Error", "GenerationCancelled", "InputError"]
+__all__ = [
+    "CheckpointError",
+    "Flux2Config",
+    "Flux2Error",
+    "Flux2KVCache",
+    "Flux2Transformer",
+    "GenerationCancelled",
+    "InputError",
+    "load_transformer",
+    # VAE, schedule, sampler (issue 3)
+    "Flux2Pipeline",
+    "Flux2VAE",
+    "Flux2VAEConfig",
+    "StepInfo",
+    "flux2_sigmas",
+    "generate",
+    "load_vae",
+    "prepare_reference_latents",
+    "sample_latents",
+    "validate_size",
+    # text encoders (issue 4)
+    "Flux2TextEncoder",
+    "TextEncoderSpec",
+    "load_text_encoder",
+]

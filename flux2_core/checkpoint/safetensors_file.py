@@ -1,0 +1,243 @@
+"""Validated, zero-copy access to one ``.safetensors`` file.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``),
+then the raw tensor bytes; offsets are relative to the end of the header.
+
+Every problem with the file (empty, truncated, corrupt JSON, offsets past the end, an unknown
+dtype) is raised as a ``CheckpointError`` naming the file, before any tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+# Header sizes beyond this are corrupt files, not real checkpoints (a 64 GB model has ~10 MB of header).
+_MAX_HEADER_BYTES = 512 * 1024 * 1024
+
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+# Newer torch builds know these; older ones simply do not list them.
+for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("F8_E8M0", "float8_e8m0fnu")):
+    if hasattr(torch, _attr):
+        _DTYPES[_name] = getattr(torch, _attr)
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = dict(_DTYPES)
+"""safetensors dtype names -> torch dtypes understood by this reader."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """One safetensors file with a validated header.
+
+    Args:
+        path: the ``.safetensors`` file.
+
+    Raises:
+        CheckpointError: the file is missing, empty, truncated, corrupt or uses an unknown dtype.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._storage: torch.UntypedStorage | None = None
+        self._infos, self.metadata, self._data_start = self._parse_header()
+
+    # ----------------------------------------------------------------------------------- header
+    def _fail(self, problem: str, fix: str | None = None) -> CheckpointError:
+        return CheckpointError(
+            self.path, problem, fix or "Download the file again; it is damaged or not a safetensors file."
+        )
+
+    def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
+        try:
+            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if size == 0:
+                    raise self._fail("the file is empty (0 bytes).")
+                if len(head) < 8:
+                    raise self._fail(f"the file is only {size} bytes long, too short for a safetensors header.")
+                (n,) = struct.unpack("<Q", head)
+                if n > _MAX_HEADER_BYTES or 8 + n > size:
+                    raise self._fail(
+                        f"the header claims {n} bytes but the file has {size} bytes: it is truncated or corrupt."
+                    )
+                raw = f.read(n)
+        except CheckpointError:
+            raise
+        except OSError as e:
+            raise CheckpointError(self.path, f"cannot read the file ({e.strerror or e}).",
+                                  "Check that the path exists and is readable.") from None
+        if raw[:1] != b"{":
+            raise self._fail("the header is not JSON (not a safetensors file?).")
+        try:
+            header = json.loads(raw.decode("utf-8").rstrip(" "))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._fail(f"the header JSON is corrupt ({e}).") from None
+        if not isinstance(header, dict):
+            raise self._fail("the header JSON is not an object.")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise self._fail("the header '__metadata__' entry is not an object.")
+        data_start = 8 + n
+        data_size = size - data_start
+        infos: dict[str, TensorInfo] = {}
+        for name, entry in header.items():
+            infos[name] = self._check_entry(name, entry, data_start, data_size)
+        return infos, {str(k): v for k, v in metadata.items()}, data_start
+
+    def _check_entry(self, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
+        try:
+            dtype_name = entry["dtype"]  # type: ignore[index]
+            shape = tuple(int(s) for s in entry["shape"])  # type: ignore[index]
+            begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
+        except (TypeError, KeyError, ValueError):
+            raise self._fail(f"the header entry for tensor '{name}' is malformed.") from None
+        dtype = _DTYPES.get(dtype_name)
+        if dtype is None:
+            raise CheckpointError(
+                self.path,
+                f"tensor '{name}' has dtype '{dtype_name}', which this loader does not support "
+                f"(known: {', '.join(sorted(_DTYPES))}).",
+                "Convert the file to bf16, fp16, fp32 or fp8 safetensors.",
+            )
+        if any(s < 0 for s in shape) or begin < 0 or end < begin:
+            raise self._fail(f"tensor '{name}' has a negative shape or inverted data offsets.")
+        expected = math.prod(shape) * _itemsize(dtype)
+        if end - begin != expected:
+            raise self._fail(
+                f"tensor '{name}' ({dtype_name} {list(shape)}) should take {expected} bytes "
+                f"but its offsets span {end - begin}."
+            )
+        if end > data_size:
+            raise self._fail(
+                f"tensor '{name}' ends at byte {data_start + end} but the file has only "
+                f"{data_start + data_size} bytes: the file is truncated (an interrupted download?)."
+            )
+        return TensorInfo(dtype, shape, data_start + begin, data_start + end)
+
+    # ----------------------------------------------------------------------------------- access
+    def keys(self) -> list[str]:
+        """Tensor names, in file order."""
+        return list(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, key: str) -> TensorInfo:
+        """The header entry of ``key`` (dtype, shape, absolute byte range)."""
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise CheckpointError(self.path, f"has no tensor named '{key}'.") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.info(key).shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.info(key).dtype
+
+    def nbytes(self, key: str) -> int:
+        return self.info(key).nbytes
+
+    def _mapped(self) -> torch.UntypedStorage:
+        if self._storage is None:
+            # shared=False maps the file privately (copy on write): pages are read lazily and a
+            # caller writing into a returned tensor never changes the file.
+            self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
+                                                           nbytes=os.path.getsize(self.path))
+        return self._storage
+
+    def get(self, key: str) -> torch.Tensor:
+        """The tensor ``key`` as a CPU tensor viewing the memory-mapped file (no copy).
+
+        Falls back to a copy when the tensor's byte offset is not aligned to its element size.
+        """
+        info = self.info(key)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.empty(0, dtype=torch.uint8).set_(self._mapped(), info.begin, (info.nbytes,), (1,))
+        if info.begin % _itemsize(info.dtype):
+            raw = raw.clone()
+        return raw.view(info.dtype).view(info.shape)
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Read the bytes of ``key`` from the file straight into ``out``.
+
+        ``out`` must have the stored dtype and shape; on the CPU it must be contiguous (e.g. a
+        pinned buffer) and is filled without an intermediate copy. A CUDA ``out`` is filled from the
+        mapped file with ``copy_``.
+
+        Returns:
+            ``out``.
+        """
+        info = self.info(key)
+        if out.dtype != info.dtype or tuple(out.shape) != info.shape:
+            raise ValueError(
+                f"read_into('{key}'): out is {out.dtype} {tuple(out.shape)}, "
+                f"the file stores {info.dtype} {info.shape}"
+            )
+        if out.device.type != "cpu" or not out.is_contiguous():
+            return out.copy_(self.get(key))
+        if info.nbytes == 0:
+            return out
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(info.begin)
+            done = 0
+            while done < info.nbytes:
+                got = f.readinto(buf[done:])
+                if not got:
+                    raise self._fail(f"reading tensor '{key}' hit the end of the file early.")
+                done += got
+        return out
+
+    def __repr__(self) -> str:
+        return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"

@@ -1,0 +1,126 @@
+"""Double-stream and single-stream FLUX.2 blocks and the final layer.
+
+Blocks hold only their own weights: the shared modulation, the RoPE tables and the attention
+function come in as arguments, so a weight streamer can page a block in and out around its forward.
+Module names equal the BFL checkpoint keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Flux2Config
+from .embeddings import ModulationOut
+from .layers import Attention, QKNorm, SwiGLU, sdpa
+from .rope import Rope, fold_scales, norm_rope_qk
+
+
+def _ln(x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+
+class SelfAttention(nn.Module):
+    """Weights of one stream's attention: fused ``qkv`` (3H laid out (3, heads, 128)), QK-norm, ``proj``."""
+
+    def __init__(self, hidden: int, head_dim: int, dtype=None, device=None):
+        super().__init__()
+        self.qkv = nn.Linear(hidden, 3 * hidden, bias=False, dtype=dtype, device=device)
+        self.norm = QKNorm(head_dim, dtype, device)
+        self.proj = nn.Linear(hidden, hidden, bias=False, dtype=dtype, device=device)
+
+    def scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm.query_norm.scale, self.norm.key_norm.scale
+
+
+def _mlp(hidden: int, mlp_hidden: int, dtype, device) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden, 2 * mlp_hidden, bias=False, dtype=dtype, device=device),
+        SwiGLU(),
+        nn.Linear(mlp_hidden, hidden, bias=False, dtype=dtype, device=device),
+    )
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate img / txt weights, joint attention over [txt; img]."""
+
+    def __init__(self, config: Flux2Config, dtype=None, device=None):
+        super().__init__()
+        H, D = config.hidden_size, config.head_dim
+        self.num_heads = config.num_heads
+        self.img_attn = SelfAttention(H, D, dtype, device)
+        self.img_mlp = _mlp(H, config.mlp_hidden, dtype, device)
+        self.txt_attn = SelfAttention(H, D, dtype, device)
+        self.txt_mlp = _mlp(H, config.mlp_hidden, dtype, device)
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        mod_img: tuple[ModulationOut, ModulationOut],
+        mod_txt: tuple[ModulationOut, ModulationOut],
+        rope: Rope,
+        attn: Attention = sdpa,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: img (B, Li, H), txt (B, Lt, H); modulation (attn set, mlp set) per stream; rope
+        tables of the sequence [txt; img]. Returns the updated (img, txt)."""
+        n_txt = txt.shape[1]
+        img_qkv = self.img_attn.qkv(mod_img[0].modulate(_ln(img)))  # (B, Li, 3H)
+        txt_qkv = self.txt_attn.qkv(mod_txt[0].modulate(_ln(txt)))  # (B, Lt, 3H)
+        qkv = torch.cat((txt_qkv, img_qkv), dim=1).unflatten(-1, (3, self.num_heads, -1))  # (B, L, 3, h, D)
+        del img_qkv, txt_qkv
+        tables = fold_scales(rope, [(*self.txt_attn.scales(), n_txt), (*self.img_attn.scales(), img.shape[1])])
+        qk = norm_rope_qk(qkv[:, :, :2], tables, qkv.dtype)  # (B, L, 2, h, D)
+        out = attn(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]).flatten(2)  # (B, L, H)
+        del qk, qkv
+        img = torch.addcmul(img, mod_img[0].gate, self.img_attn.proj(out[:, n_txt:]))
+        img = torch.addcmul(img, mod_img[1].gate, self.img_mlp(mod_img[1].modulate(_ln(img))))
+        txt = torch.addcmul(txt, mod_txt[0].gate, self.txt_attn.proj(out[:, :n_txt]))
+        txt = torch.addcmul(txt, mod_txt[1].gate, self.txt_mlp(mod_txt[1].modulate(_ln(txt))))
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [txt; img]: ``linear1`` -> (qkv 3H | mlp 2M), attention and SwiGLU in parallel."""
+
+    def __init__(self, config: Flux2Config, dtype=None, device=None):
+        super().__init__()
+        H, M = config.hidden_size, config.mlp_hidden
+        self.num_heads = config.num_heads
+        self.split = (3 * H, 2 * M)
+        self.linear1 = nn.Linear(H, 3 * H + 2 * M, bias=False, dtype=dtype, device=device)
+        self.linear2 = nn.Linear(H + M, H, bias=False, dtype=dtype, device=device)
+        self.norm = QKNorm(config.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, mod: ModulationOut, rope: Rope, attn: Attention = sdpa) -> torch.Tensor:
+        """Args: x (B, L, H) = [txt; img]; mod its (shift, scale, gate); rope tables of x. Returns (B, L, H)."""
+        h = self.linear1(mod.modulate(_ln(x)))  # (B, L, 3H + 2M)
+        qkv = h[..., : self.split[0]].unflatten(-1, (3, self.num_heads, -1))  # (B, L, 3, h, D)
+        tables = fold_scales(rope, [(self.norm.query_norm.scale, self.norm.key_norm.scale, x.shape[1])])
+        qk = norm_rope_qk(qkv[:, :, :2], tables, qkv.dtype)
+        out = attn(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]).flatten(2)  # (B, L, H)
+        del qk, qkv
+        # linear2 input [attn | SwiGLU(mlp)] built in one buffer instead of a cat of two temporaries.
+        H = out.shape[-1]
+        both = torch.empty((*out.shape[:-1], H + self.split[1] // 2), dtype=out.dtype, device=out.device)
+        both[..., :H] = out
+        del out
+        gate, up = h[..., self.split[0] :].chunk(2, dim=-1)
+        torch.mul(F.silu(gate), up, out=both[..., H:])
+        del h, gate, up
+        return torch.addcmul(x, mod.gate, self.linear2(both))
+
+
+class LastLayer(nn.Module):
+    """LN -> modulate with (shift, scale) from ``adaLN_modulation`` -> ``linear`` to latent channels."""
+
+    def __init__(self, hidden: int, out_channels: int, dtype=None, device=None):
+        super().__init__()
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False, dtype=dtype,
+                                                                   device=device))
+        self.linear = nn.Linear(hidden, out_channels, bias=False, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(vec)[:, None].chunk(2, dim=-1)  # BFL order: shift, scale
+        return self.linear(torch.addcmul(shift, _ln(x), 1 + scale))

@@ -1,0 +1,139 @@
+"""The FLUX.2 transformer (all variants), after BFL's ``flux2/src/flux2/model.py``, written from the spec.
+
+Module names equal the BFL checkpoint keys, so BFL files load with an identity key map.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import Flux2Config
+from ..errors import InputError
+from ..kv_cache import Flux2KVCache, RefCachedAttention, RefExtractAttention
+from .blocks import DoubleStreamBlock, LastLayer, SingleStreamBlock
+from .embeddings import MLPEmbedder, Modulation, ModulationOut, timestep_embedding
+from .layers import sdpa
+from .rope import cat_rope, rope_tables
+
+
+class Flux2Transformer(nn.Module):
+    """FLUX.2 MMDiT: double-stream then single-stream blocks with shared modulation.
+
+    Args:
+        config: shapes and variant.
+        dtype: parameter dtype.
+        device: parameter device (``"meta"`` to build without memory, then assign-load).
+    """
+
+    streamable_blocks = ("double_blocks", "single_blocks")
+
+    def __init__(self, config: Flux2Config, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.config = config
+        self.checkpoint_format: str | None = None
+        H, kw = config.hidden_size, {"dtype": dtype, "device": device}
+        self.img_in = nn.Linear(config.in_channels, H, bias=False, **kw)
+        self.txt_in = nn.Linear(config.context_dim, H, bias=False, **kw)
+        self.time_in = MLPEmbedder(256, H, **kw)
+        self.guidance_in = MLPEmbedder(256, H, **kw) if config.guidance_embed else None
+        self.double_stream_modulation_img = Modulation(H, 2, **kw)
+        self.double_stream_modulation_txt = Modulation(H, 2, **kw)
+        self.single_stream_modulation = Modulation(H, 1, **kw)
+        self.double_blocks = nn.ModuleList(DoubleStreamBlock(config, **kw) for _ in range(config.depth))
+        self.single_blocks = nn.ModuleList(SingleStreamBlock(config, **kw) for _ in range(config.depth_single))
+        self.final_layer = LastLayer(H, config.in_channels, **kw)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.img_in.weight.dtype
+
+    def _vec(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        vec = self.time_in(timestep_embedding(timesteps).to(dtype))  # (B, H)
+        if self.guidance_in is not None:
+            if guidance is None:
+                raise InputError(
+                    f"this FLUX.2 {self.config.variant} model embeds the guidance scale: pass guidance "
+                    "(e.g. 4.0) for every sample."
+                )
+            vec = vec + self.guidance_in(timestep_embedding(guidance.reshape(-1).expand(vec.shape[0])).to(dtype))
+        return vec
+
+    def forward(
+        self,
+        *,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        ref_img: torch.Tensor | None = None,
+        ref_ids: torch.Tensor | None = None,
+        kv_cache: Flux2KVCache | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity of the image tokens.
+
+        Args:
+            img: (B, N, 128) packed latent tokens (target, then any in-context reference tokens).
+            img_ids: (B, N, 4) positions (t, h, w, l).
+            txt: (B, L, context_dim) text features.
+            txt_ids: (B, L, 4).
+            timesteps: (B,) sigmas in [0, 1].
+            guidance: (B,) guidance scales, needed by models with a guidance embedder, else ignored.
+            ref_img: KV variant: (B, R, 128) reference tokens, modulated at t = 0, attended only by
+                themselves. Ignored when ``kv_cache`` is already filled.
+            ref_ids: (B, R, 4) positions of ``ref_img``.
+            kv_cache: KV variant: an empty cache is filled from ``ref_img``; a filled one replaces it.
+
+        Returns:
+            (B, N, 128) velocity, in the model dtype.
+        """
+        dtype = self.compute_dtype
+        B = img.shape[0]
+        timesteps = timesteps.reshape(-1).expand(B)
+        vec = self._vec(timesteps, guidance, dtype)
+        mod_img = self.double_stream_modulation_img(vec)
+        mod_txt = self.double_stream_modulation_txt(vec)
+        (mod_single,) = self.single_stream_modulation(vec)
+
+        img = self.img_in(img.to(dtype))  # (B, N, H)
+        txt = self.txt_in(txt.to(dtype))  # (B, L, H)
+        n_txt, n_img = txt.shape[1], img.shape[1]
+        cached = kv_cache is not None and kv_cache.filled
+        extract = ref_img is not None and not cached
+        n_ref = ref_img.shape[1] if extract else 0
+        if extract:
+            if ref_ids is None:
+                raise InputError("ref_img was given without ref_ids (B, R, 4).")
+            # Reference tokens are clean: their modulation comes from t = 0 (same guidance).
+            vec_ref = self._vec(torch.zeros_like(timesteps), guidance, dtype)
+            ref_d = self.double_stream_modulation_img(vec_ref)
+            (ref_s,) = self.single_stream_modulation(vec_ref)
+            mod_img = tuple(ModulationOut.cat([(r, n_ref), (m, n_img)]) for r, m in zip(ref_d, mod_img))
+            mod_single = ModulationOut.cat([(mod_single, n_txt), (ref_s, n_ref), (mod_single, n_img)])
+            img = torch.cat((self.img_in(ref_img.to(dtype)), img), dim=1)  # (B, R + N, H)
+            ids = [txt_ids, ref_ids, img_ids]
+            if kv_cache is not None:
+                kv_cache.clear()
+                kv_cache.num_ref_tokens = n_ref
+        else:
+            ids = [txt_ids, img_ids]
+        axes, theta = self.config.axes_dim, self.config.theta
+        rope = cat_rope([rope_tables(i.expand(B, -1, -1), axes, theta) for i in ids])
+
+        def attention(kind: str, index: int):
+            if extract:
+                store = None if kv_cache is None else getattr(kv_cache, kind)
+                return RefExtractAttention(n_txt, n_ref, store, index)
+            if cached:
+                return RefCachedAttention(n_txt, *getattr(kv_cache, kind)[index])
+            return sdpa
+
+        for i, block in enumerate(self.double_blocks):
+            img, txt = block(img, txt, mod_img, mod_txt, rope, attention("double", i))
+        x = torch.cat((txt, img), dim=1)  # (B, L + R + N, H)
+        del img, txt
+        for i, block in enumerate(self.single_blocks):
+            x = block(x, mod_single, rope, attention("single", i))
+        return self.final_layer(x[:, n_txt + n_ref :], vec)

@@ -1,0 +1,90 @@
+"""Latent <-> token packing and the 4-axis (t, h, w, l) position ids (flux2-spec.md §2).
+
+- text token i: (0, 0, 0, i)
+- target latent cell (r, c): (0, r, c, 0), row-major
+- reference k (0-based) cell (r, c): (10 + 10k, r, c, 0); each reference keeps its own grid
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+# Time-axis spacing between references (BFL / ComfyUI "index" method, ref_index_scale 10).
+REF_TIME_STEP = 10
+MAX_REFERENCES = 10
+LATENT_CHANNELS = 128
+DOWNSCALE = 16  # pixels per packed latent cell
+MIN_SIDE = 64
+MAX_PIXELS = 4 * 1024 * 1024
+
+
+def validate_size(width: int, height: int) -> None:
+    """Raise ``InputError`` unless width and height are multiples of 16 within [64, 4 MP].
+
+    We refuse instead of silently rounding so that a workflow never produces a different size
+    than asked for; the message gives the nearest valid size.
+    """
+    problems = []
+    if width % DOWNSCALE or height % DOWNSCALE:
+        problems.append("width and height must be multiples of 16")
+    if width < MIN_SIDE or height < MIN_SIDE:
+        problems.append(f"each side must be at least {MIN_SIDE}")
+    if width * height > MAX_PIXELS:
+        problems.append(f"the image may have at most {MAX_PIXELS} pixels (4 MP, e.g. 2048x2048)")
+    if problems:
+        w = max(MIN_SIDE, round(width / DOWNSCALE) * DOWNSCALE)
+        h = max(MIN_SIDE, round(height / DOWNSCALE) * DOWNSCALE)
+        raise InputError(f"Invalid output size {width}x{height}: {'; '.join(problems)}. "
+                         f"Fix: use e.g. {w}x{h} (within 4 MP).")
+
+
+def pack(latents: Tensor) -> Tensor:
+    """(B, C, h, w) -> tokens (B, h*w, C), row-major."""
+    b, c, h, w = latents.shape
+    return latents.reshape(b, c, h * w).transpose(1, 2)
+
+
+def unpack(tokens: Tensor, height: int, width: int) -> Tensor:
+    """tokens (B, h*w, C) in row-major order -> (B, C, h, w)."""
+    b, n, c = tokens.shape
+    if n != height * width:
+        raise ValueError(f"unpack: {n} tokens do not fill a {height}x{width} grid.")
+    return tokens.transpose(1, 2).reshape(b, c, height, width)
+
+
+def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Tensor:
+    """(B, L, 4) ids (0, 0, 0, i)."""
+    ids = torch.zeros(length, 4, dtype=torch.long, device=device)
+    ids[:, 3] = torch.arange(length, device=device)
+    return ids.unsqueeze(0).expand(batch, -1, -1)
+
+
+def image_ids(height: int, width: int, t: int = 0, batch: int = 1,
+              device: torch.device | str = "cpu") -> Tensor:
+    """(B, h*w, 4) ids (t, r, c, 0) for an h x w latent grid in row-major order."""
+    r = torch.arange(height, device=device).repeat_interleave(width)
+    c = torch.arange(width, device=device).repeat(height)
+    ids = torch.stack([torch.full_like(r, t), r, c, torch.zeros_like(r)], dim=-1)
+    return ids.unsqueeze(0).expand(batch, -1, -1)
+
+
+def reference_tokens(reference_latents: list[Tensor], batch: int) -> tuple[Tensor, Tensor]:
+    """Pack references (each (1, 128, h_k, w_k)) into tokens (B, R, 128) and ids (B, R, 4).
+
+    Reference k gets time coordinate 10 + 10k; its cells keep their own (r, c) grid from 0.
+    """
+    if len(reference_latents) > MAX_REFERENCES:
+        raise InputError(f"{len(reference_latents)} reference images given; at most {MAX_REFERENCES} "
+                         "are supported. Fix: remove some reference images.")
+    toks, ids = [], []
+    for k, ref in enumerate(reference_latents):
+        if ref.ndim != 4 or ref.shape[0] != 1 or ref.shape[1] != LATENT_CHANNELS:
+            raise InputError(f"reference latent {k} has shape {tuple(ref.shape)}; expected "
+                             f"(1, {LATENT_CHANNELS}, h, w) from prepare_reference_latents.")
+        toks.append(pack(ref))
+        ids.append(image_ids(ref.shape[2], ref.shape[3], t=REF_TIME_STEP * (k + 1), device=ref.device))
+    tokens = torch.cat(toks, dim=1).expand(batch, -1, -1)
+    return tokens, torch.cat(ids, dim=1).expand(batch, -1, -1)

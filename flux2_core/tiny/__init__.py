@@ -1,0 +1,127 @@
+"""Tiny random FLUX.2 models written in the real checkpoint layouts (tests, demo without weights).
+
+``write_tiny_model_set(models_dir)`` fills ComfyUI's model folders with a complete tiny set under the
+official file names, so the shared workflows run unchanged on it. The pictures are noise from
+untrained weights; what is exercised is every loader, layout and node.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+# (file name under diffusion_models/, variant, layout). The KV and 9B files share the tiny shapes of
+# the 4B ones; only the file name tells the loader which variant they are (as with real files).
+TRANSFORMER_FILES = (
+    ("flux2-dev.safetensors", "dev", "bfl"),
+    ("flux2_dev_fp8mixed.safetensors", "dev", "comfy-fp8"),
+    ("flux-2-klein-4b.safetensors", "klein-4b", "comfyui"),
+    ("flux-2-klein-base-4b.safetensors", "klein-base-4b", "bfl"),
+    ("flux-2-klein-9b.safetensors", "klein-9b", "bfl"),
+    ("flux-2-klein-base-9b.safetensors", "klein-base-9b", "bfl"),
+    ("flux-2-klein-9b-kv.safetensors", "klein-9b-kv", "bfl"),
+)
+# (file name under text_encoders/, kind). [dev] pairs with Mistral, [klein] with Qwen3.
+TEXT_ENCODER_FILES = (
+    ("mistral_3_small_flux2_bf16.safetensors", "mistral3"),
+    ("qwen_3_4b.safetensors", "qwen3-4b"),
+    ("qwen_3_8b.safetensors", "qwen3-8b"),
+)
+VAE_FILE = "flux2-vae.safetensors"
+MARKER = "flux2local-tiny-set.json"
+
+
+def write_tiny_model_set(models_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Writes a full tiny random FLUX.2 set into ComfyUI's model folders.
+
+    Files: every transformer variant in ``diffusion_models/`` (BFL, ComfyUI and ComfyUI-FP8 layouts),
+    Mistral-3 and Qwen3 text encoders in ``text_encoders/`` and the VAE in ``vae/``, under the
+    official file names. Each transformer's text width equals its tiny text encoder's output width
+    (3 stacked hidden states), so the pairs the workflows use fit together.
+
+    Args:
+        models_dir: ComfyUI's ``models`` folder (subfolders are created).
+        seed: weight seed; the same seed writes the same weights.
+        overwrite: rewrite files that already exist.
+
+    Returns:
+        File name -> path of everything written or already present.
+    """
+    from .text_encoder import write_tiny_text_encoder
+    from .vae import write_tiny_vae
+
+    root = Path(models_dir)
+    written: dict[str, Path] = {}
+    context_dims: dict[str, int] = {}
+    for i, (name, kind) in enumerate(TEXT_ENCODER_FILES):
+        path = root / "text_encoders" / name
+        if overwrite or not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written[name] = Path(write_tiny_text_encoder(path, kind=kind, seed=seed + i))
+        else:
+            written[name] = path
+        context_dims[kind] = _context_dim(written[name])
+    # [dev] reads Mistral's width, 4B models Qwen3-4B's, 9B models Qwen3-8B's (all 3 x hidden).
+    family = {"dev": "mistral3", "klein-4b": "qwen3-4b", "klein-base-4b": "qwen3-4b"}
+    for i, (name, variant, layout) in enumerate(TRANSFORMER_FILES):
+        path = root / "diffusion_models" / name
+        if overwrite or not path.exists():
+            ctx = context_dims[family.get(variant, "qwen3-8b")]
+            written[name] = _write_transformer(path, variant, layout, seed + 100 + i, ctx)
+        else:
+            written[name] = path
+    vae_path = root / "vae" / VAE_FILE
+    if overwrite or not vae_path.exists():
+        written[VAE_FILE] = Path(write_tiny_vae(vae_path, layout="comfyui", seed=seed + 200))
+    else:
+        written[VAE_FILE] = vae_path
+    (root / MARKER).write_text(json.dumps({"seed": seed, "files": sorted(written)}, indent=1))
+    log.info("tiny FLUX.2 set in %s (%d files)", root, len(written))
+    return written
+
+
+def is_tiny_model_set(models_dir: str | os.PathLike) -> bool:
+    """True if ``models_dir`` holds a set written by ``write_tiny_model_set``."""
+    return (Path(models_dir) / MARKER).is_file()
+
+
+def _context_dim(text_encoder_file: Path) -> int:
+    """Output width of a tiny text encoder file: 3 stacked hidden states of its embedding width."""
+    from safetensors import safe_open
+
+    with safe_open(str(text_encoder_file), "pt") as f:
+        for key in f.keys():
+            if key.endswith("embed_tokens.weight"):
+                return 3 * f.get_slice(key).get_shape()[1]
+    raise ValueError(f"{text_encoder_file}: no embed_tokens.weight; not a tiny text encoder this function wrote.")
+
+
+def _write_transformer(path: Path, variant: str, layout: str, seed: int, context_dim: int) -> Path:
+    from . import transformer as tt
+
+    if "context_dim" in inspect.signature(tt.write_tiny_transformer).parameters:
+        return Path(tt.write_tiny_transformer(path, variant=variant, layout=layout, seed=seed, context_dim=context_dim))
+    # The transformer writer fixes its tiny text width; rebuild its state dict with ours and save it
+    # in the same layout (prefix and FP8 handling as the writer does).
+    config = tt.tiny_config(variant).replace(context_dim=context_dim)
+    sd = tt.random_bfl_state_dict(config, seed, torch.bfloat16)
+    metadata = None
+    if layout in ("bfl-fp8", "comfy-fp8"):
+        from ..config import is_block_linear
+
+        sd = tt._quantized(sd, layout)
+        layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn"} for k in sd if is_block_linear(k)}
+        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    if layout in ("comfyui", "comfy-fp8"):
+        sd = {tt.COMFY_PREFIX + k: v for k, v in sd.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
+    return path

@@ -1,0 +1,168 @@
+"""Load a FLUX.2 VAE from a BFL, ComfyUI or diffusers checkpoint (config inferred from key shapes)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+
+import torch
+
+from ..checkpoint import open_checkpoint
+from ..errors import CheckpointError
+from .config import Flux2VAEConfig
+from .keymap import IGNORED_SUFFIXES, bfl_to_diffusers_key, is_attention_projection, strip_prefix
+from .model import Flux2VAE
+
+logger = logging.getLogger(__name__)
+
+_FIX_PICK_VAE = ("Select the FLUX.2 VAE: 'ae.safetensors' from a FLUX.2 repo, ComfyUI's "
+                 "'flux2-vae.safetensors', or a diffusers FLUX.2 folder (with 'vae/').")
+
+
+def _refuse_foreign(path: str, keys: list[str], get_shape) -> None:
+    """Raise a CheckpointError that names what the file is when it is not a FLUX.2 VAE."""
+    ks = set(keys)
+    if any(k.endswith(("img_in.weight", "x_embedder.weight", "double_stream_modulation_img.lin.weight"))
+           or k.startswith("model.diffusion_model.") for k in ks):
+        raise CheckpointError(path, "is a diffusion transformer, not a VAE.", _FIX_PICK_VAE)
+    if any(".layers.0." in k and ("self_attn" in k or "mlp" in k) for k in ks):
+        raise CheckpointError(path, "is a text encoder, not a VAE.", _FIX_PICK_VAE)
+    z = get_shape("decoder.conv_in.weight")[1] if "decoder.conv_in.weight" in ks else None
+    if z is not None and "bn.running_mean" not in ks:
+        kind = {16: "a FLUX.1 / SD3-style VAE (16 latent channels)",
+                4: "an SD 1.x / SDXL VAE (4 latent channels)"}.get(z, f"a VAE with {z} latent channels")
+        raise CheckpointError(path, f"is {kind}, not the FLUX.2 VAE (32 channels + latent batch-norm).",
+                              _FIX_PICK_VAE)
+    if z is None or "bn.running_mean" not in ks:
+        raise CheckpointError(path, "is not a FLUX.2 VAE (no 'decoder.conv_in.weight' / 'bn.running_mean').",
+                              _FIX_PICK_VAE)
+
+
+def _count(keys: list[str], pattern: str) -> int:
+    rx = re.compile(pattern)
+    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_config(shape_of, keys: list[str], path: str) -> Flux2VAEConfig:
+    """Architecture from BFL-named key shapes.
+
+    Args:
+        shape_of: callable BFL key -> shape.
+        keys: the file's keys in BFL naming.
+        path: for error messages.
+    """
+    try:
+        ch = shape_of("encoder.conv_in.weight")[0]
+        levels = _count(keys, r"^encoder\.down\.(\d+)\.")
+        res = _count(keys, r"^encoder\.down\.0\.block\.(\d+)\.")
+        enc = [shape_of(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+        dec = [shape_of(f"decoder.up.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+        z = shape_of("decoder.conv_in.weight")[1]
+        dec_res = _count(keys, r"^decoder\.up\.0\.block\.(\d+)\.")
+    except KeyError as e:
+        raise CheckpointError(path, f"misses the VAE key {e.args[0]!r}: the file is incomplete or not "
+                              "a FLUX.2 VAE.", _FIX_PICK_VAE) from None
+    if any(w % ch for w in enc) or dec_res != res + 1:
+        raise CheckpointError(path, f"has an unexpected VAE structure (encoder widths {enc}, "
+                              f"{res} encoder / {dec_res} decoder blocks per level).", _FIX_PICK_VAE)
+    dec_ch = math.gcd(*dec)
+    try:
+        return Flux2VAEConfig(
+            ch=ch, ch_mult=tuple(w // ch for w in enc), num_res_blocks=res, z_channels=z,
+            decoder_ch=None if dec == enc else dec_ch,
+            decoder_ch_mult=None if dec == enc else tuple(w // dec_ch for w in dec),
+        )
+    except ValueError as e:
+        raise CheckpointError(path, f"has VAE shapes this loader cannot build: {e}", _FIX_PICK_VAE) from None
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
+             device: str | torch.device = "cpu") -> Flux2VAE:
+    """Load the FLUX.2 VAE.
+
+    Args:
+        path: ``ae.safetensors`` (BFL), ``flux2-vae.safetensors`` (ComfyUI), a diffusers ``vae/``
+            folder or a diffusers pipeline folder containing ``vae/``.
+        dtype: parameter dtype (the latent statistics stay float32).
+        device: where to put the model.
+
+    Returns:
+        A ``Flux2VAE`` in eval mode with ``.checkpoint_format`` set to "bfl", "comfyui" or "diffusers".
+
+    Raises:
+        CheckpointError: the file is not a FLUX.2 VAE (FLUX.1/SDXL VAEs, transformers, text encoders),
+            or keys/shapes do not match.
+    """
+    reader = open_checkpoint(path, subfolder="vae")
+    where = str(path)
+    keys = [k for k in reader.keys() if not k.endswith(IGNORED_SUFFIXES)]
+    is_diffusers = any(k.startswith("encoder.down_blocks.") for k in keys)
+    if is_diffusers:
+        prefix, inner = "", keys
+        fmt = "diffusers"
+    else:
+        prefix, inner = strip_prefix(keys)
+        fmt = "comfyui" if prefix or any(k.endswith("bn.num_batches_tracked") for k in reader.keys()) \
+            else "bfl"
+        if not prefix:
+            _refuse_foreign(where, inner, lambda k: reader.shape(k))
+
+    # Our (BFL) name -> key in the file.
+    if is_diffusers:
+        levels = _count(keys, r"^encoder\.down_blocks\.(\d+)\.")
+        bfl_names = _diffusers_to_bfl_names(inner, levels, where)
+    else:
+        bfl_names = {k: prefix + k for k in inner}
+    if "bn.running_mean" not in bfl_names or "decoder.conv_in.weight" not in bfl_names:
+        _refuse_foreign(where, list(bfl_names), lambda k: reader.shape(bfl_names[k]))
+
+    cfg = infer_config(lambda k: reader.shape(bfl_names[k]), list(bfl_names), where)
+    with torch.device("meta"):
+        model = Flux2VAE(cfg)
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(bfl_names)), sorted(set(bfl_names) - expected)
+    if missing or unexpected:
+        raise CheckpointError(where, f"does not match the FLUX.2 VAE layout: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}.", _FIX_PICK_VAE)
+
+    state: dict[str, torch.Tensor] = {}
+    own_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    for name, file_key in bfl_names.items():
+        t = reader.get(file_key)
+        if t.shape != own_shapes[name] and is_attention_projection(name):
+            t = t.reshape(own_shapes[name])  # diffusers Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        if t.shape != own_shapes[name]:
+            raise CheckpointError(where, f"tensor {file_key!r} has shape {tuple(t.shape)}, expected "
+                                  f"{tuple(own_shapes[name])}.", _FIX_PICK_VAE)
+        target = torch.float32 if name.startswith("bn.") else dtype
+        state[name] = t.to(device=device, dtype=target)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.eval().requires_grad_(False)
+    model.checkpoint_format = fmt
+    logger.info("loaded FLUX.2 VAE (%s layout, ch %d, %s) from %s", fmt, cfg.ch, dtype, where)
+    return model
+
+
+def _diffusers_to_bfl_names(keys: list[str], levels: int, where: str) -> dict[str, str]:
+    """Map every BFL name of a model with ``levels`` levels to the diffusers key present in ``keys``."""
+    # Build the inverse map from a meta model whose structure we take from the file's block counts.
+    res = _count(keys, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    ch_mult = tuple(range(1, levels + 1))  # placeholder widths: only the key names matter here
+    cfg = Flux2VAEConfig(ch=32, ch_mult=ch_mult, num_res_blocks=max(res, 1))
+    with torch.device("meta"):
+        names = list(Flux2VAE(cfg).state_dict().keys())
+    present = set(keys)
+    out: dict[str, str] = {}
+    for name in names:
+        d = bfl_to_diffusers_key(name, levels)
+        if d in present:
+            out[name] = d
+    mapped = set(out.values())
+    extra = sorted(present - mapped)
+    if extra:
+        raise CheckpointError(where, f"has diffusers VAE keys this loader does not know: {extra[:8]}.",
+                              _FIX_PICK_VAE)
+    return out

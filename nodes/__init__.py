@@ -1,0 +1,37 @@
+"""The ComfyUI nodes of Flux2Local (V3 schema API, ``comfy_api.latest``).
+
+Imported only inside ComfyUI (the root ``__init__.py`` guards it). Node IDs are permanent public
+API: saved workflows refer to them.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import memory
+from .conditioning import Flux2LocalEncodePrompt, Flux2LocalMultiReference
+from .loaders import Flux2LocalModelLoader, Flux2LocalTextEncoderLoader, Flux2LocalVAELoader
+from .sampler import Flux2LocalSampler
+from .vae_nodes import Flux2LocalVAEDecode, Flux2LocalVAEEncode
+
+NODES: list[type[io.ComfyNode]] = [
+    Flux2LocalModelLoader,
+    Flux2LocalTextEncoderLoader,
+    Flux2LocalEncodePrompt,
+    Flux2LocalMultiReference,
+    Flux2LocalSampler,
+    Flux2LocalVAELoader,
+    Flux2LocalVAEDecode,
+    Flux2LocalVAEEncode,
+]
+
+
+class Flux2LocalExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> Flux2LocalExtension:
+    # Not in ComfyExtension.on_load: ComfyUI 0.3.64 never calls it.
+    memory.install_hooks()
+    return Flux2LocalExtension()

@@ -1,0 +1,93 @@
+"""Small helpers shared by the nodes: model-file lists, dtype names and error reporting."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import folder_paths
+import torch
+
+from ..flux2_core.errors import CheckpointError, Flux2Error
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Flux2LocalError(Exception):
+    """What ComfyUI's error panel shows for our user-facing errors: the message, no inner chain."""
+
+
+# The panel prints the exception's module-qualified type; the pack's module path depends on the
+# folder name ComfyUI loaded it from, so give the type a stable, readable name.
+Flux2LocalError.__module__ = "Flux2Local"
+
+
+def user_errors(fn):
+    """Turns flux2_core's user-facing errors into a clean message for ComfyUI's error panel."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Flux2Error as e:
+            log.error("Flux2Local: %s", e)
+            raise Flux2LocalError(str(e)) from None
+
+    return wrapper
+
+
+def model_choices(folder: str) -> list[str]:
+    """Files ComfyUI lists in a model folder, plus diffusers/HF folders (a subfolder holding weights).
+
+    A folder entry is any directory (up to two levels below the model folder) that holds
+    ``*.safetensors`` files, e.g. ``FLUX.2-dev/transformer``.
+    """
+    names = list(folder_paths.get_filename_list(folder))
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            depth = 0 if rel == "." else rel.count(os.sep) + 1
+            if depth >= 2:
+                dirnames[:] = []
+            if depth >= 1 and any(f.endswith(".safetensors") for f in filenames):
+                names.append(rel.replace(os.sep, "/") + "/")
+    return sorted(set(names))
+
+
+def resolve_model_path(folder: str, name: str) -> str:
+    """The full path of a file or folder entry from ``model_choices``; CheckpointError if missing."""
+    if name.endswith("/"):
+        for root in folder_paths.get_folder_paths(folder):
+            candidate = os.path.join(root, name.rstrip("/"))
+            if os.path.isdir(candidate):
+                return candidate
+        path = None
+    else:
+        path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise CheckpointError(
+            name,
+            f"not found in ComfyUI's models/{folder} folder.",
+            f"put the file in models/{folder}/ (see the workflow's note for where to get it) and refresh the node list.",
+        )
+    return path
+
+
+def tokenizer_choices(folder: str = "text_encoders") -> list[str]:
+    """"auto" plus folders under ``models/<folder>`` that hold a Hugging Face tokenizer."""
+    names = ["auto"]
+    for root in folder_paths.get_folder_paths(folder):
+        if not os.path.isdir(root):
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            rel = os.path.relpath(dirpath, root)
+            if rel != "." and rel.count(os.sep) >= 2:
+                dirnames[:] = []
+            if rel != "." and ("tokenizer.json" in filenames or "tokenizer_config.json" in filenames):
+                names.append(rel.replace(os.sep, "/") + "/")
+    return names

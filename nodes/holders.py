@@ -1,0 +1,96 @@
+"""Holders that put a loaded module on the compute device for a run and give it back on request.
+
+A holder is what our custom socket types carry (FLUX2LOCAL_MODEL, _TEXT_ENCODER, _VAE). Weights
+are loaded on the offload device (CPU, memory-mapped where the file allows); ``prepare(device)``
+moves them fully to the GPU when they fit in the budget, or attaches the weight streamer (resident
+blocks + paging from pinned RAM) when they do not.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import memory
+
+log = logging.getLogger(__name__)
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    """The user's streaming choices from the Model Loader.
+
+    Attributes:
+        vram_budget_gb: weights budget on the GPU in GiB; 0 = auto (free VRAM minus ComfyUI's reserve).
+        pinned_ram_gb: cap on pinned host RAM in GiB for paged blocks; 0 = auto.
+    """
+
+    vram_budget_gb: float = 0.0
+    pinned_ram_gb: float = 0.0
+
+
+def module_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+class ModuleHolder(memory.GpuHolder):
+    """One loaded module (transformer, text encoder or VAE) plus where its weights are now."""
+
+    def __init__(self, module: nn.Module, label: str, streaming: StreamingSettings | None = None):
+        super().__init__()
+        self.module = module
+        self.label = label
+        self.streaming = streaming
+        self.streamer = None
+        self.total_bytes = module_bytes(module)
+
+    def gpu_bytes(self) -> int:
+        return self.total_bytes if self.on_gpu else 0
+
+    def prepare(self, device: torch.device) -> nn.Module:
+        """Returns the module ready to run on ``device`` (moving or streaming weights as needed)."""
+        if device.type == "cpu" or (self.on_gpu and self.device == device):
+            return self.module
+        self.offload()
+        budget = self._budget(device)
+        if self.streaming is None or self.total_bytes <= budget:
+            memory.make_room(self.total_bytes, device)
+            self.module.to(device)
+        else:
+            self._attach_streamer(device, budget)
+        self.device = device
+        return self.module
+
+    def _budget(self, device: torch.device) -> int:
+        if self.streaming is not None and self.streaming.vram_budget_gb > 0:
+            return int(self.streaming.vram_budget_gb * GIB)
+        # Auto: ask ComfyUI to unload what it can first, then take what is left above its reserve.
+        memory.make_room(self.total_bytes, device)
+        return memory.vram_budget(device)
+
+    def _attach_streamer(self, device: torch.device, budget: int) -> None:
+        from ..weight_streaming import StreamingConfig, WeightStreamer
+
+        memory.make_room(budget, device)
+        pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
+        config = streaming_config(StreamingConfig, budget, pinned)
+        log.info("Flux2Local: streaming %s with a %.2f GiB VRAM budget", self.label, budget / GIB)
+        self.streamer = WeightStreamer(self.module, config, device)
+        self.streamer.attach()
+
+    def _offload(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+            self.streamer = None
+        else:
+            self.module.to(memory.offload_device())
+
+
+def streaming_config(config_cls, budget: int, pinned_cap: int | None):
+    """Builds a ``weight_streaming.StreamingConfig`` with our byte budget and pinned-RAM cap."""
+    return config_cls(vram_budget=int(budget), pinned_cap=pinned_cap)

@@ -1,0 +1,183 @@
+"""Loader nodes: FLUX.2 transformer, text encoder and VAE from ComfyUI's model folders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import comfy.text_encoders
+from comfy_api.latest import io
+
+from ..flux2_core.errors import CheckpointError
+from . import memory
+from .common import DTYPES, model_choices, resolve_model_path, tokenizer_choices, user_errors
+from .holders import GIB, ModuleHolder, StreamingSettings, module_bytes
+from .types import CATEGORY, Flux2Model, Flux2TextEncoder, Flux2Vae
+
+log = logging.getLogger(__name__)
+
+# The Qwen2.5/3 BPE vocabulary ComfyUI ships for its own [klein] text encoders.
+COMFY_QWEN_TOKENIZER = Path(comfy.text_encoders.__path__[0]) / "qwen25_tokenizer"
+
+
+def _describe_model(model, path: str) -> str:
+    cfg = model.config
+    size = module_bytes(model) / GIB
+    fmt = getattr(model, "checkpoint_format", "?")
+    return (
+        f"FLUX.2 {cfg.variant}: {cfg.depth} double + {cfg.depth_single} single blocks, hidden "
+        f"{cfg.hidden_size}, text width {cfg.context_dim}; format {fmt}; {size:.2f} GiB; file {path}"
+    )
+
+
+class Flux2LocalModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LocalModelLoader",
+            display_name="FLUX.2 Model Loader",
+            category=CATEGORY,
+            description="Loads a FLUX.2 transformer ([dev], [klein] 4B/9B, base, 9B-KV) with weight streaming for small cards.",
+            inputs=[
+                io.Combo.Input(
+                    "model_name",
+                    options=model_choices("diffusion_models"),
+                    tooltip="Transformer file (or diffusers folder) in models/diffusion_models or models/unet. "
+                    "The variant is read from the weights; the file name only tells distilled/base/KV apart.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=list(DTYPES),
+                    default="bf16",
+                    tooltip="Compute dtype. bf16 is what FLUX.2 was trained in; fp32 only for debugging on CPU.",
+                ),
+                io.Boolean.Input(
+                    "keep_fp8",
+                    default=True,
+                    tooltip="For FP8 checkpoints: keep the weights in FP8 (half the memory) and dequantise per "
+                    "block at compute time. Off converts them to the compute dtype on load.",
+                ),
+                io.Float.Input(
+                    "vram_budget_gb",
+                    default=0.0,
+                    min=0.0,
+                    max=1024.0,
+                    step=0.5,
+                    tooltip="GPU memory for resident transformer weights, in GB. 0 = auto: what is free after "
+                    "ComfyUI unloads other models, minus its inference reserve (--reserve-vram). Blocks that "
+                    "do not fit are streamed from pinned RAM.",
+                ),
+                io.Float.Input(
+                    "pinned_ram_gb",
+                    default=0.0,
+                    min=0.0,
+                    max=4096.0,
+                    step=1.0,
+                    tooltip="Cap on pinned (page-locked) system RAM used for streamed blocks, in GB. 0 = auto.",
+                ),
+            ],
+            outputs=[
+                Flux2Model.Output(display_name="model", tooltip="The loaded FLUX.2 transformer, for FLUX.2 Sampler."),
+                io.String.Output(display_name="info", tooltip="What was detected: variant, checkpoint format, size."),
+            ],
+        )
+
+    @classmethod
+    @user_errors
+    def execute(cls, model_name, dtype, keep_fp8, vram_budget_gb, pinned_ram_gb) -> io.NodeOutput:
+        from ..flux2_core import load_transformer
+
+        path = resolve_model_path("diffusion_models", model_name)
+        model = load_transformer(path, dtype=DTYPES[dtype], device=memory.offload_device(), keep_fp8=keep_fp8)
+        holder = ModuleHolder(model, f"FLUX.2 {model.config.variant}", StreamingSettings(vram_budget_gb, pinned_ram_gb))
+        info = _describe_model(model, path)
+        log.info("Flux2Local: %s", info)
+        return io.NodeOutput(holder, info)
+
+
+class Flux2LocalTextEncoderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LocalTextEncoderLoader",
+            display_name="FLUX.2 Text Encoder Loader",
+            category=CATEGORY,
+            description="Loads FLUX.2's text encoder: Mistral Small 3.x for [dev], Qwen3 4B/8B for [klein].",
+            inputs=[
+                io.Combo.Input(
+                    "text_encoder_name",
+                    options=model_choices("text_encoders"),
+                    tooltip="Text-encoder file or Hugging Face text_encoder/ folder in models/text_encoders.",
+                ),
+                io.Combo.Input(
+                    "tokenizer",
+                    options=tokenizer_choices(),
+                    default="auto",
+                    tooltip="Tokenizer folder in models/text_encoders; auto = the one next to the weights, "
+                    "else the bundled tokenizer for the detected encoder.",
+                ),
+                io.Combo.Input(
+                    "dtype",
+                    options=list(DTYPES),
+                    default="bf16",
+                    tooltip="Compute dtype of the text encoder.",
+                ),
+            ],
+            outputs=[
+                Flux2TextEncoder.Output(
+                    display_name="text_encoder", tooltip="The text encoder, for FLUX.2 Encode Prompt."
+                ),
+            ],
+        )
+
+    @classmethod
+    @user_errors
+    def execute(cls, text_encoder_name, tokenizer, dtype) -> io.NodeOutput:
+        try:
+            from ..flux2_core import load_text_encoder
+        except ImportError:  # TODO: drop once flux2_core re-exports it (issue 4)
+            from ..flux2_core.text_encoders.loader import load_text_encoder
+
+        path = resolve_model_path("text_encoders", text_encoder_name)
+        tok = None if tokenizer == "auto" else resolve_model_path("text_encoders", tokenizer)
+        kwargs = {"dtype": DTYPES[dtype], "device": memory.offload_device()}
+        try:
+            encoder = load_text_encoder(path, tokenizer=tok, **kwargs)
+        except CheckpointError as e:
+            # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it
+            # ships. Fall back to those only when "auto" found nothing next to the weights.
+            if tok is not None or "tokenizer" not in e.problem or not COMFY_QWEN_TOKENIZER.is_dir():
+                raise
+            log.info("Flux2Local: no tokenizer next to %s; using ComfyUI's bundled Qwen tokenizer", path)
+            encoder = load_text_encoder(path, tokenizer=str(COMFY_QWEN_TOKENIZER), **kwargs)
+        streaming = StreamingSettings() if getattr(encoder, "streamable_blocks", None) else None
+        return io.NodeOutput(ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming))
+
+
+class Flux2LocalVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LocalVAELoader",
+            display_name="FLUX.2 VAE Loader",
+            category=CATEGORY,
+            description="Loads the FLUX.2 VAE (flux2-vae.safetensors or BFL's ae.safetensors).",
+            inputs=[
+                io.Combo.Input(
+                    "vae_name",
+                    options=model_choices("vae"),
+                    tooltip="FLUX.2 VAE file in models/vae (32 latent channels, batch-norm statistics).",
+                ),
+                io.Combo.Input("dtype", options=list(DTYPES), default="bf16", tooltip="Compute dtype of the VAE."),
+            ],
+            outputs=[Flux2Vae.Output(display_name="vae", tooltip="The FLUX.2 VAE, for decode, encode and references.")],
+        )
+
+    @classmethod
+    @user_errors
+    def execute(cls, vae_name, dtype) -> io.NodeOutput:
+        from ..flux2_core import load_vae
+
+        path = resolve_model_path("vae", vae_name)
+        vae = load_vae(path, dtype=DTYPES[dtype], device=memory.offload_device())
+        return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE"))

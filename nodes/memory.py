@@ -1,0 +1,134 @@
+"""Cooperation with ComfyUI's memory manager.
+
+Our models are plain ``nn.Module``s (optionally paged by ``weight_streaming``), not ComfyUI
+ModelPatchers, so ComfyUI does not know about their VRAM by itself. This module closes the gap:
+
+- before taking VRAM we call ``comfy.model_management.free_memory`` so that ComfyUI unloads its
+  own models first, asking for what we need plus ``minimum_inference_memory()`` (which includes
+  ``--reserve-vram``);
+- ``free_memory`` is wrapped once so that when ComfyUI needs memory our idle GPU weights are given
+  back too. ``unload_all_models`` (the "Free model and node cache" button, ``POST /free``, OOM
+  recovery) is ``free_memory(1e30, device)``, so it reaches our models through the same hook;
+- outputs go to ``intermediate_device()``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import comfy.model_management as mm
+import torch
+
+log = logging.getLogger(__name__)
+
+_HOLDERS: weakref.WeakSet[GpuHolder] = weakref.WeakSet()
+
+
+class GpuHolder:
+    """Base for our objects whose weights may sit on the GPU between runs.
+
+    Subclasses implement ``_to_device`` and ``_offload`` and report ``gpu_bytes``.
+    """
+
+    def __init__(self) -> None:
+        self.device: torch.device = torch.device("cpu")
+        self.in_use = False
+        _HOLDERS.add(self)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+    def gpu_bytes(self) -> int:
+        return 0
+
+    def offload(self) -> None:
+        """Gives the VRAM back (weights return to the offload device)."""
+        if self.on_gpu:
+            log.info("Flux2Local: offloading %s from %s", type(self).__name__, self.device)
+            self._offload()
+            self.device = torch.device("cpu")
+
+    def _offload(self) -> None:
+        raise NotImplementedError
+
+    @contextmanager
+    def using(self, device: torch.device) -> Iterator[None]:
+        """Marks the holder busy (never evicted by our hook) and cleans up VRAM if the run fails.
+
+        On an error or a cancel the weights go back to the offload device: a half-finished run
+        must not leave VRAM that nothing will free.
+        """
+        self.in_use = True
+        try:
+            yield
+        except BaseException:
+            self.offload()
+            mm.soft_empty_cache()
+            raise
+        finally:
+            self.in_use = False
+
+
+def compute_device() -> torch.device:
+    return mm.get_torch_device()
+
+
+def output_device() -> torch.device:
+    return mm.intermediate_device()
+
+
+def offload_device() -> torch.device:
+    return mm.unet_offload_device()
+
+
+def make_room(nbytes: int, device: torch.device) -> None:
+    """Asks ComfyUI (and our own idle holders) to free ``nbytes`` plus the inference reserve."""
+    if device.type == "cpu":
+        return
+    mm.free_memory(nbytes + mm.minimum_inference_memory(), device)
+
+
+def vram_budget(device: torch.device) -> int:
+    """Bytes of weights we may keep on ``device`` now: free VRAM minus ComfyUI's inference reserve.
+
+    ``minimum_inference_memory()`` already includes ``--reserve-vram``.
+    """
+    if device.type == "cpu":
+        return 0
+    return max(0, int(mm.get_free_memory(device)) - int(mm.minimum_inference_memory()))
+
+
+def release_idle(device: torch.device | None = None) -> int:
+    """Offloads every idle holder (on ``device`` if given); returns how many were offloaded."""
+    n = 0
+    for holder in list(_HOLDERS):
+        if holder.on_gpu and not holder.in_use and (device is None or holder.device == device):
+            holder.offload()
+            n += 1
+    return n
+
+
+def install_hooks() -> None:
+    """Wraps ``comfy.model_management.free_memory`` once so ComfyUI's unloads reach our models."""
+    original = mm.free_memory
+    if getattr(original, "_flux2local_hook", False):
+        return
+
+    @functools.wraps(original)
+    def free_memory(memory_required, device, *args, **kwargs):
+        result = original(memory_required, device, *args, **kwargs)
+        try:
+            if getattr(device, "type", "cpu") != "cpu" and mm.get_free_memory(device) < memory_required:
+                if release_idle(device):
+                    mm.soft_empty_cache()
+        except Exception:  # never break ComfyUI's own memory management because of ours
+            log.exception("Flux2Local: could not release idle FLUX.2 weights")
+        return result
+
+    free_memory._flux2local_hook = True
+    mm.free_memory = free_memory

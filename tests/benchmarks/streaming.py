@@ -1,0 +1,388 @@
+"""Weight streaming benchmark: full-size FLUX.2 [dev] (bf16, random weights) at 1024^2 on one GPU.
+
+A script, not a test. For each VRAM budget (all resident, then 40/24/16/8 GiB) it attaches
+`weight_streaming.WeightStreamer` to the model, runs a few forward passes and prints the steady step
+time, the bound max(resident step, streamed bytes / pinned copy bandwidth measured in this run), their
+ratio, the first step, peak VRAM, pinned host bytes and attach time. Then the anchors on the same
+shapes: diffusers' group offload (block level, one block a group, use_stream=True) and, where a ComfyUI
+tree can be imported, a note on it. The last line is a JSON object of all figures.
+
+    python tests/benchmarks/streaming.py                 # the full run (about 60 GiB of host RAM)
+    python tests/benchmarks/streaming.py --small         # a 1/4-width model, to check the script
+
+Budgets are GiB (2^30 bytes). A budget covers everything the forward pass allocates on the device
+(weights, ring and activations): the streamer gets the budget minus the activation peak measured in the
+resident run minus a 256 MiB margin. Before any measurement, one untimed forward pass of two blocks
+warms up the CUDA libraries (cuBLAS handles, attention kernels) so that the first-step figures measure
+streaming, not process start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from weight_streaming import (  # noqa: E402
+    StreamingConfig,
+    WeightStreamer,
+    measure_block_seconds,
+    measure_link_bandwidth,
+)
+from weight_streaming.config import UNLIMITED  # noqa: E402
+
+GiB = 1 << 30
+DEV = torch.device("cuda")
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------- models
+class _StandInDouble(nn.Module):
+    """Fallback with FLUX.2 double-block shapes (used only if flux2_core cannot be imported)."""
+
+    def __init__(self, H: int, M: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_qkv", nn.Linear(H, 3 * H, bias=False))
+            setattr(self, f"{s}_proj", nn.Linear(H, H, bias=False))
+            setattr(self, f"{s}_mlp0", nn.Linear(H, 2 * M, bias=False))
+            setattr(self, f"{s}_mlp2", nn.Linear(M, H, bias=False))
+
+    def forward(self, img, txt):
+        n_txt = txt.shape[1]
+        qkv = torch.cat([self.txt_qkv(txt), self.img_qkv(img)], 1).unflatten(-1, (3, self.heads, -1))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        txt = txt + self.txt_proj(a[:, :n_txt])
+        img = img + self.img_proj(a[:, n_txt:])
+        for s, x in (("img", img), ("txt", txt)):
+            h = getattr(self, f"{s}_mlp0")(x)
+            h = nn.functional.silu(h[..., : h.shape[-1] // 2]) * h[..., h.shape[-1] // 2 :]
+            x = x + getattr(self, f"{s}_mlp2")(h)
+            img, txt = (x, txt) if s == "img" else (img, x)
+        return img, txt
+
+
+class _StandInSingle(nn.Module):
+    def __init__(self, H: int, M: int, heads: int) -> None:
+        super().__init__()
+        self.H, self.M, self.heads = H, M, heads
+        self.linear1 = nn.Linear(H, 3 * H + 2 * M, bias=False)
+        self.linear2 = nn.Linear(H + M, H, bias=False)
+
+    def forward(self, x):
+        qkv, h = self.linear1(x).split([3 * self.H, 2 * self.M], -1)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        h = nn.functional.silu(h[..., : self.M]) * h[..., self.M :]
+        return x + self.linear2(torch.cat([a, h], -1))
+
+
+class StandInFlux2(nn.Module):
+    streamable_blocks = ("double_blocks", "single_blocks")
+
+    def __init__(self, H=6144, heads=48, depth=8, depth_single=48, ctx=15360) -> None:
+        super().__init__()
+        M = 3 * H
+        self.img_in = nn.Linear(128, H, bias=False)
+        self.txt_in = nn.Linear(ctx, H, bias=False)
+        self.modulation = nn.Linear(H, 15 * H, bias=False)
+        self.double_blocks = nn.ModuleList(_StandInDouble(H, M, heads) for _ in range(depth))
+        self.single_blocks = nn.ModuleList(_StandInSingle(H, M, heads) for _ in range(depth_single))
+        self.final = nn.Linear(H, 128, bias=False)
+
+    def forward(self, *, img, img_ids, txt, txt_ids, timesteps, guidance=None):
+        img, txt = self.img_in(img), self.txt_in(txt)
+        for b in self.double_blocks:
+            img, txt = b(img, txt)
+        x = torch.cat([txt, img], 1)
+        for b in self.single_blocks:
+            x = b(x)
+        return self.final(x[:, txt.shape[1] :])
+
+
+def build_ours(small: bool):
+    """FLUX.2 [dev] from flux2_core on the meta device (falls back to the stand-in, saying why)."""
+    try:
+        from flux2_core import Flux2Config, Flux2Transformer
+
+        cfg = Flux2Config.from_name("dev")
+        if small:
+            import dataclasses
+
+            cfg = dataclasses.replace(cfg, hidden_size=1536, num_heads=12)
+        with torch.device("meta"):
+            model = Flux2Transformer(cfg, dtype=torch.bfloat16)
+        return model, "flux2_core.Flux2Transformer (dev)", cfg.context_dim
+    except Exception as exc:  # noqa: BLE001 - any import/config problem: say it and use the stand-in
+        log(f"[model] flux2_core unavailable ({type(exc).__name__}: {exc}); using the stand-in block stack")
+        H = 1536 if small else 6144
+        with torch.device("meta"):
+            model = StandInFlux2(H=H, heads=H // 128).to(torch.bfloat16)
+        return model, "stand-in (FLUX.2 [dev] shapes)", 15360
+
+
+def materialize_random(model: nn.Module) -> float:
+    """Random bf16 weights made on the GPU, one top-level piece at a time, then moved to host RAM."""
+    t0 = time.perf_counter()
+    pieces = []
+    for _name, child in model.named_children():
+        pieces += list(child) if isinstance(child, nn.ModuleList) else [child]
+    g = torch.Generator(device=DEV).manual_seed(0)
+    for piece in pieces:
+        piece.to_empty(device=DEV)
+        with torch.no_grad():
+            for p in piece.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.02, generator=g)
+                else:
+                    p.fill_(1.0)
+        piece.to("cpu")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return time.perf_counter() - t0
+
+
+def make_inputs(ctx: int, side: int = 1024, n_txt: int = 512):
+    h = w = side // 16
+    g = torch.Generator(device=DEV).manual_seed(1)
+    img = torch.randn(1, h * w, 128, device=DEV, dtype=torch.bfloat16, generator=g)
+    txt = torch.randn(1, n_txt, ctx, device=DEV, dtype=torch.bfloat16, generator=g)
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(hh), hh, ww, torch.zeros_like(hh)], -1).reshape(1, -1, 4)
+    txt_ids = torch.zeros(1, n_txt, 4, dtype=torch.long)
+    txt_ids[..., 3] = torch.arange(n_txt)
+    return dict(
+        img=img, img_ids=img_ids.to(DEV), txt=txt, txt_ids=txt_ids.to(DEV),
+        timesteps=torch.full((1,), 0.7, device=DEV), guidance=torch.full((1,), 4.0, device=DEV),
+    )
+
+
+def timed_steps(fn, steps: int) -> list[float]:
+    out = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            y = fn()
+            torch.cuda.synchronize()
+            out.append(time.perf_counter() - t)
+            del y
+    return out
+
+
+def warm_up(model: nn.Module, inputs: dict) -> None:
+    """One untimed pass through the first double and single block on the GPU (library start-up)."""
+    sub = [model.double_blocks[0], model.single_blocks[0]]
+    saved = {}
+    for m in sub:
+        for n, p in m.named_parameters():
+            saved[(id(m), n)] = p.data
+            p.data = p.data.to(DEV)
+    try:
+        keep_d, keep_s = model.double_blocks, model.single_blocks
+        model.double_blocks, model.single_blocks = nn.ModuleList(sub[:1]), nn.ModuleList(sub[1:])
+        for n, p in model.named_parameters():
+            if not n.startswith(("double_blocks", "single_blocks")):
+                saved[(0, n)] = p.data
+                p.data = p.data.to(DEV)
+        timed_steps(lambda: model(**inputs), 1)
+    finally:
+        model.double_blocks, model.single_blocks = keep_d, keep_s
+        for n, p in model.named_parameters():
+            if (0, n) in saved:
+                p.data = saved[(0, n)]
+        for m in sub:
+            for n, p in m.named_parameters():
+                p.data = saved[(id(m), n)]
+        torch.cuda.empty_cache()
+
+
+# --------------------------------------------------------------------------- our manager
+def run_budget(model, inputs, label, weights_budget, steps, bw, block_seconds, resident_step, extra=None):
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    cfg = StreamingConfig(vram_budget=weights_budget, block_seconds=block_seconds, link_bandwidth=bw)
+    t0 = time.perf_counter()
+    ws = WeightStreamer(model, cfg, DEV)
+    plan = ws.attach()
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    times = timed_steps(lambda: model(**inputs), steps)
+    tel = ws.telemetry(sync=True)
+    peak_alloc = torch.cuda.max_memory_allocated() - base
+    peak_reserved = torch.cuda.max_memory_reserved()
+    extra_out = extra() if extra else None
+    ws.detach()
+    gc.collect()
+    torch.cuda.empty_cache()
+    steady = statistics.median(times[1:])
+    bound = max(resident_step or steady, plan.streamed_bytes / bw)
+    return dict(
+        budget=label, resident_blocks=len(plan.resident_indices), streamed_blocks=len(plan.streamed_indices),
+        ring_slots=plan.ring_slots, resident_gib=plan.resident_bytes / GiB, streamed_gib=plan.streamed_bytes / GiB,
+        steady_s=steady, first_s=times[0], bound_s=bound, ratio=steady / bound, first_over_steady=times[0] / steady,
+        peak_alloc_gib=peak_alloc / GiB, peak_reserved_gib=peak_reserved / GiB, pinned_gib=tel.pinned_bytes / GiB,
+        pinned_over_streamed=(tel.pinned_bytes / plan.streamed_bytes) if plan.streamed_bytes else 0.0,
+        pageable_gib=tel.pageable_bytes / GiB, load_s=load_s, copy_gbps=tel.copy_bandwidth / 1e9,
+        stall_s=tel.mean_step_stall_s, steps=[round(t, 4) for t in times],
+        plan="".join("R" if r else "." for r in plan.resident), extra=extra_out,
+    )
+
+
+# --------------------------------------------------------------------------- anchors
+def diffusers_anchor(inputs, steps, bw, resident_step, small):
+    try:
+        from diffusers import Flux2Transformer2DModel
+        from diffusers.hooks import apply_group_offloading
+    except Exception as exc:  # noqa: BLE001
+        return dict(skipped=f"diffusers not importable: {type(exc).__name__}: {exc}")
+    kw = dict(num_attention_heads=12) if small else {}
+    with torch.device("meta"):
+        model = Flux2Transformer2DModel(**kw).to(torch.bfloat16)
+    build_s = materialize_random(model)
+    model.eval()
+    block_bytes = sum(
+        p.numel() * p.element_size()
+        for lst in (model.transformer_blocks, model.single_transformer_blocks) for p in lst.parameters()
+    )
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    apply_group_offloading(
+        model, onload_device=DEV, offload_device=torch.device("cpu"), offload_type="block_level",
+        num_blocks_per_group=1, use_stream=True,
+    )
+    torch.cuda.synchronize()
+    load_s = time.perf_counter() - t0
+    d_in = dict(
+        hidden_states=inputs["img"], encoder_hidden_states=inputs["txt"], timestep=inputs["timesteps"],
+        img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], guidance=inputs["guidance"], return_dict=False,
+    )
+    times = timed_steps(lambda: model(**d_in), steps)
+    steady = statistics.median(times[1:])
+    bound = max(resident_step, block_bytes / bw)
+    res = dict(
+        steady_s=steady, first_s=times[0], bound_s=bound, ratio=steady / bound, first_over_steady=times[0] / steady,
+        streamed_gib=block_bytes / GiB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
+        load_s=load_s, build_s=build_s, steps=[round(t, 4) for t in times],
+    )
+    model = None  # noqa: F841 - drop the last reference before the next anchor
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def comfyui_anchor() -> dict:
+    path = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
+    if not os.path.isdir(os.path.join(path, "comfy")):
+        return dict(skipped=f"no ComfyUI tree at {path} (carry the pinned tree there to include it)")
+    return dict(skipped="ComfyUI partial-loading anchor not implemented in this script yet; "
+                "see ../shared/docs/streaming.md section 8 for its figures on the same H100")
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--budgets", default="all,40,24,16,8", help="GiB, comma separated; 'all' = resident")
+    ap.add_argument("--steps", type=int, default=5, help="forward passes per budget (the first is 'first')")
+    ap.add_argument("--small", action="store_true", help="quarter-width model: checks the script quickly")
+    ap.add_argument("--no-diffusers", action="store_true")
+    ap.add_argument("--plain-plan", default="24", help="budgets also run with the byte-only planner")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device")
+    figures: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+
+    bw = measure_link_bandwidth(DEV, 1 << 30)
+    figures["pinned_h2d_gbps"] = bw / 1e9
+    log(f"[link] pinned host-to-device copy: {bw / 1e9:.1f} GB/s (1 GiB, 3 copies)")
+
+    model, model_name, ctx = build_ours(args.small)
+    build_s = materialize_random(model)
+    model.eval()
+    figures["model"] = model_name
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[model] {model_name}: {n_params / 1e9:.2f} B params, {n_params * 2 / GiB:.1f} GiB, built in {build_s:.1f} s")
+    inputs = make_inputs(ctx, side=512 if args.small else 1024)
+    warm_up(model, inputs)
+
+    rows = []
+    resident_step = None
+    act_bytes = 0
+    block_seconds = None
+    for b in args.budgets.split(","):
+        if b == "all":
+            def per_block():
+                with torch.inference_mode():
+                    return measure_block_seconds(model, lambda: model(**inputs))
+
+            row = run_budget(model, inputs, "all", UNLIMITED, args.steps, bw, None, None, extra=per_block)
+            block_seconds = row.pop("extra")
+            resident_step = row["steady_s"]
+            row["bound_s"], row["ratio"] = resident_step, 1.0
+            # Activation peak = what the forward allocates beyond the resident weights.
+            act_bytes = int(row["peak_alloc_gib"] * GiB) - n_params * 2
+            figures["activation_gib"] = act_bytes / GiB
+            figures["block_seconds_sum"] = sum(block_seconds)
+            rows.append(row)
+        else:
+            budget = float(b) * GiB
+            weights_budget = int(budget - max(act_bytes, 0) - (256 << 20))
+            rows.append(run_budget(model, inputs, f"{b} GiB", weights_budget, args.steps, bw, block_seconds,
+                                   resident_step))
+            if b in args.plain_plan.split(","):
+                r = run_budget(model, inputs, f"{b} GiB plain", weights_budget, args.steps, bw, None, resident_step)
+                rows.append(r)
+        r = rows[-1]
+        log(f"[ours] {r['budget']:>12}: steady {r['steady_s']:.3f} s, bound {r['bound_s']:.3f} s, ratio "
+            f"{r['ratio']:.3f}, first {r['first_s']:.3f} s ({r['first_over_steady']:.2f}x), peak reserved "
+            f"{r['peak_reserved_gib']:.1f} GiB, pinned {r['pinned_gib']:.1f} GiB ({r['pinned_over_streamed']:.3f}x "
+            f"streamed), load {r['load_s']:.1f} s, copy {r['copy_gbps']:.1f} GB/s, plan {r['plan']}")
+    figures["ours"] = rows
+    model = None  # noqa: F841 - frees ~60 GiB of host RAM before the diffusers anchor
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    figures["diffusers_group_offload"] = (
+        dict(skipped="--no-diffusers") if args.no_diffusers
+        else diffusers_anchor(inputs, max(3, args.steps - 2), bw, resident_step or 0.0, args.small)
+    )
+    log(f"[diffusers] {figures['diffusers_group_offload']}")
+    figures["comfyui"] = comfyui_anchor()
+    log(f"[comfyui] {figures['comfyui']}")
+
+    log("")
+    log("| budget | resident/streamed blocks | streamed GiB | steady s | bound s | ratio | first s | first/steady "
+        "| peak reserved GiB | pinned GiB (x streamed) | load s |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        log(f"| {r['budget']} | {r['resident_blocks']}/{r['streamed_blocks']} | {r['streamed_gib']:.1f} | "
+            f"{r['steady_s']:.3f} | {r['bound_s']:.3f} | {r['ratio']:.3f} | {r['first_s']:.3f} | "
+            f"{r['first_over_steady']:.2f} | {r['peak_reserved_gib']:.1f} | {r['pinned_gib']:.1f} "
+            f"({r['pinned_over_streamed']:.3f}) | {r['load_s']:.1f} |")
+    d = figures["diffusers_group_offload"]
+    if "steady_s" in d:
+        log(f"| diffusers group offload | 0/56 | {d['streamed_gib']:.1f} | {d['steady_s']:.3f} | {d['bound_s']:.3f} | "
+            f"{d['ratio']:.3f} | {d['first_s']:.3f} | {d['first_over_steady']:.2f} | {d['peak_reserved_gib']:.1f} | "
+            f"- | {d['load_s']:.1f} |")
+    print(json.dumps(figures), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Small helpers shared by the ComfyUI tests: workflow edits, PNG checks, UI -> API conversion."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+# Editor-only node types: they never reach the server and are absent from /object_info.
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def api_workflows() -> list[Path]:
+    return sorted(WORKFLOWS.glob("*.api.json"))
+
+
+def ui_workflows() -> list[Path]:
+    return sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+
+
+def load(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def nodes_of(prompt: dict, class_type: str) -> list[dict]:
+    return [n for n in prompt.values() if n["class_type"] == class_type]
+
+
+def shrink(prompt: dict, width: int = 192, height: int = 128, steps: int | None = None, dtype: str | None = None) -> dict:
+    """A copy of an API prompt with a small image size (tiny models on CPU) and optional overrides."""
+    prompt = copy.deepcopy(prompt)
+    for node in nodes_of(prompt, "Flux2LocalSampler"):
+        node["inputs"]["width"], node["inputs"]["height"] = width, height
+        if steps is not None:
+            node["inputs"]["steps"] = steps
+    if dtype is not None:
+        for t in ("Flux2LocalModelLoader", "Flux2LocalTextEncoderLoader", "Flux2LocalVAELoader"):
+            for node in nodes_of(prompt, t):
+                node["inputs"]["dtype"] = dtype
+    return prompt
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    assert img.format == "PNG"
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def ui_to_api(ui: dict, object_info: dict) -> dict:
+    """Converts a UI-format workflow to API format the way the editor does, using /object_info.
+
+    Widget values are matched to the schema's widget inputs in input order; an INT with
+    control_after_generate carries one extra UI-only value ("fixed", "randomize"...) that is dropped.
+    """
+    links = {link[0]: link for link in ui["links"]}
+    out = {}
+    for node in ui["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node.get("mode", 0) in (2, 4):
+            continue
+        info = object_info[node["type"]]
+        linked = {i["name"]: i["link"] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values", []))
+        inputs: dict = {}
+        spec = info["input"].get("required", {}) | info["input"].get("optional", {})
+        for name in info["input_order"].get("required", []) + info["input_order"].get("optional", []):
+            kind, opts = spec[name][0], (spec[name][1] if len(spec[name]) > 1 else {})
+            if name in linked:
+                link = links[linked[name]]
+                inputs[name] = [str(link[1]), link[2]]
+            elif kind == "COMFY_AUTOGROW_V3":
+                prefix = name + "."
+                for sub, link_id in linked.items():
+                    if sub.startswith(prefix):
+                        link = links[link_id]
+                        inputs[sub] = [str(link[1]), link[2]]
+            elif isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"):
+                if opts.get("forceInput"):
+                    continue
+                if not values:
+                    raise AssertionError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
+                inputs[name] = values.pop(0)
+                if opts.get("control_after_generate"):
+                    values.pop(0)
+        if values:
+            raise AssertionError(f"node {node['id']} ({node['type']}): unused widget values {values}")
+        out[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return out

@@ -1,0 +1,164 @@
+"""SafetensorsFile / open_checkpoint: round trips, zero-copy views, read_into and every damaged-file case."""
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from flux2_core.checkpoint import SafetensorsFile, open_checkpoint
+from flux2_core.errors import CheckpointError
+
+
+@pytest.fixture()
+def tensors():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "a.weight": torch.randn(4, 6, generator=g).to(torch.bfloat16),
+        "b.scale": torch.randn(3, generator=g),
+        "c.fp8": torch.randn(2, 8, generator=g).to(torch.float8_e4m3fn),
+        "d.scalar": torch.tensor(2.5),
+        "e.u8": torch.arange(5, dtype=torch.uint8),
+    }
+
+
+def _bytes(t):
+    return t.reshape(-1).view(torch.uint8)
+
+
+def _write(path, tensors, metadata=None):
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def test_roundtrip_get_and_metadata(tmp_path, tensors):
+    f = SafetensorsFile(_write(tmp_path / "m.safetensors", tensors, {"format": "pt"}))
+    assert sorted(f.keys()) == sorted(tensors)
+    assert f.metadata == {"format": "pt"}
+    for k, t in tensors.items():
+        assert f.shape(k) == tuple(t.shape) and f.dtype(k) == t.dtype
+        assert f.nbytes(k) == t.numel() * t.element_size()
+        got = f.get(k)
+        assert got.dtype == t.dtype and torch.equal(_bytes(got), _bytes(t))
+
+
+def test_get_is_a_view_of_the_mapped_file(tmp_path, tensors):
+    f = SafetensorsFile(_write(tmp_path / "m.safetensors", tensors))
+    a, b = f.get("a.weight"), f.get("b.scale")
+    # both views share the one mapped storage: nothing was copied
+    assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    a.zero_()  # private mapping: the file is not changed
+    assert torch.equal(SafetensorsFile(f.path).get("a.weight"), tensors["a.weight"])
+
+
+def test_read_into_preallocated(tmp_path, tensors):
+    f = SafetensorsFile(_write(tmp_path / "m.safetensors", tensors))
+    for k, t in tensors.items():
+        out = torch.empty(t.shape, dtype=t.dtype)
+        assert f.read_into(k, out) is out
+        assert torch.equal(_bytes(out), _bytes(t))
+    with pytest.raises(ValueError):
+        f.read_into("a.weight", torch.empty(4, 6))
+
+
+def _raw(path, header_bytes, data=b"", declared=None):
+    n = len(header_bytes) if declared is None else declared
+    path.write_bytes(struct.pack("<Q", n) + header_bytes + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, needle",
+    [
+        ("empty", "empty"),
+        ("short", "too short"),
+        ("header_past_end", "truncated"),
+        ("bad_json", "corrupt"),
+        ("not_json", "not JSON"),
+        ("offsets_past_end", "truncated"),
+        ("size_mismatch", "should take"),
+        ("unknown_dtype", "F4_WHATEVER"),
+    ],
+)
+def test_damaged_files(tmp_path, case, needle):
+    p = tmp_path / f"{case}.safetensors"
+    good = {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    if case == "empty":
+        p.write_bytes(b"")
+    elif case == "short":
+        p.write_bytes(b"\x01\x02")
+    elif case == "header_past_end":
+        _raw(p, json.dumps(good).encode(), declared=10_000)
+    elif case == "bad_json":
+        _raw(p, b'{"x": {"dtype": ', b"\0" * 8)
+    elif case == "not_json":
+        _raw(p, b"garbage!", b"")
+    elif case == "offsets_past_end":
+        _raw(p, json.dumps(good).encode(), b"\0" * 4)
+    elif case == "size_mismatch":
+        bad = {"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}
+        _raw(p, json.dumps(bad).encode(), b"\0" * 8)
+    elif case == "unknown_dtype":
+        bad = {"x": {"dtype": "F4_WHATEVER", "shape": [2], "data_offsets": [0, 8]}}
+        _raw(p, json.dumps(bad).encode(), b"\0" * 8)
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(p)
+    assert str(p) in str(e.value) and needle in str(e.value)
+
+
+def test_truncated_real_file(tmp_path, tensors):
+    p = _write(tmp_path / "m.safetensors", tensors)
+    p.write_bytes(p.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="truncated"):
+        SafetensorsFile(p)
+
+
+def test_pickle_formats_refused(tmp_path):
+    p = tmp_path / "model.bin"
+    torch.save({"a": torch.zeros(1)}, p)
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_checkpoint(p)
+    renamed = tmp_path / "model.safetensors"
+    renamed.write_bytes(p.read_bytes())
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_checkpoint(renamed)
+    folder = tmp_path / "only_pickle"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.bin").write_bytes(p.read_bytes())
+    with pytest.raises(CheckpointError, match="pickle"):
+        open_checkpoint(folder)
+
+
+def test_missing_path_and_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        open_checkpoint(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="no .safetensors"):
+        open_checkpoint(tmp_path)
+
+
+def test_sharded_diffusers_folder(tmp_path, tensors):
+    sub = tmp_path / "transformer"
+    sub.mkdir()
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[:2], "model-00002-of-00002.safetensors": names[2:]}
+    weight_map = {}
+    for fname, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(sub / fname))
+        weight_map.update({k: fname for k in keys})
+    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (tmp_path / "model_index.json").write_text("{}")
+    r = open_checkpoint(tmp_path, subfolder="transformer")
+    assert sorted(r.keys()) == names and len(r.files) == 2
+    for k in names:
+        assert r.path_of(k).endswith(weight_map[k])
+        assert torch.equal(_bytes(r.get(k)), _bytes(tensors[k]))
+        out = torch.empty_like(tensors[k])
+        r.read_into(k, out)
+        assert torch.equal(_bytes(out), _bytes(tensors[k]))
+    # pointing straight at the component folder works too
+    assert sorted(open_checkpoint(sub).keys()) == names
+    # a missing shard is named
+    (sub / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        open_checkpoint(tmp_path, subfolder="transformer")
