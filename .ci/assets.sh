@@ -70,7 +70,7 @@ with open(tmp, "w", encoding="utf-8") as f:
 # The file must load in mistral-common as a v7 tokenizer with the ids FLUX.2 relies on.
 tok = Tekkenizer.from_file(tmp)
 assert tok.bos_id == 1 and tok.pad_id == 11, (tok.bos_id, tok.pad_id)
-assert tok.get_control_token("[SYSTEM_PROMPT]") == 17 and tok.get_control_token("[/INST]") == 4
+assert tok.get_special_token("[SYSTEM_PROMPT]") == 17 and tok.get_special_token("[/INST]") == 4
 os.replace(tmp, sys.argv[1])
 EOF
 fi

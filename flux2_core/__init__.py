@@ -6,6 +6,7 @@ Never imports ComfyUI. Public names are re-exported here; see DEVELOPERS.md for 
 from .config import Flux2Config
 from .errors import CheckpointError, Flux2Error, GenerationCancelled, InputError
 from .kv_cache import Flux2KVCache
+from .model.flops import BlockFlops, block_flops, tokens_for
 from .model.transformer import Flux2Transformer
 from .sampling import (
     Flux2Pipeline,
@@ -29,6 +30,10 @@ __all__ = [
     "GenerationCancelled",
     "InputError",
     "load_transformer",
+    # per-block FLOPs for the streaming planner (issue 6)
+    "BlockFlops",
+    "block_flops",
+    "tokens_for",
     # VAE, schedule, sampler (issue 3)
     "Flux2Pipeline",
     "Flux2VAE",

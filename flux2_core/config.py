@@ -68,7 +68,7 @@ class Flux2Config:
 
     @classmethod
     def from_name(cls, name: str) -> Flux2Config:
-        """A copy of the named preset (see ``PRESETS``)."""
+        """The named preset (frozen; derive variants with ``.replace``). See ``PRESETS``."""
         try:
             return PRESETS[name]
         except KeyError:

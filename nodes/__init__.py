@@ -2,6 +2,15 @@
 
 Imported only inside ComfyUI (the root ``__init__.py`` guards it). Node IDs are permanent public
 API: saved workflows refer to them.
+
+Why V3 only (no V1 classes): V3 exists since ComfyUI 0.3.48, and the subset used here (``io.Schema``
+with node_id/display_name/category/description/inputs/outputs, ``io.Custom`` socket types, widget
+inputs with ``tooltip``/``optional``/``display_name``, ``io.NodeOutput``, ``comfy_entrypoint``
+returning a ``ComfyExtension``) has the same signatures in 0.3.64 and in the pinned v0.12.1+1. The
+one newer feature, ``io.Autogrow`` (image inputs that appear as the previous one is connected), is
+used when present; without it FLUX.2 Multi-Reference declares the same input ids
+(``images.image_1`` ... ``images.image_10``) as plain inputs, so saved workflows work on both.
+Checked by running the shared workflows on both trees (tests/comfyui runs the pinned one).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ import folder_paths
 import torch
 
 from ..flux2_core.errors import CheckpointError, Flux2Error
+from ..weight_streaming.errors import StreamingError
+
+# User-facing errors of the two libraries (weight_streaming never imports flux2_core).
+USER_ERRORS = (Flux2Error, StreamingError)
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +30,13 @@ Flux2LocalError.__module__ = "Flux2Local"
 
 
 def user_errors(fn):
-    """Turns flux2_core's user-facing errors into a clean message for ComfyUI's error panel."""
+    """Turns the libraries' user-facing errors into a clean message for ComfyUI's error panel."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except Flux2Error as e:
+        except USER_ERRORS as e:
             log.error("Flux2Local: %s", e)
             raise Flux2LocalError(str(e)) from None
 

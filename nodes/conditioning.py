@@ -13,8 +13,9 @@ from .types import CATEGORY, MAX_REFERENCES, Conditioning, Flux2Conditioning, Fl
 
 log = logging.getLogger(__name__)
 
-# ComfyUI >= 0.8 grows image inputs as the previous one is connected (Autogrow). Older versions
-# (0.3.64) get ten optional inputs image_1..image_10 instead; the node behaves the same.
+# Newer ComfyUI (the pinned v0.12.1 has it) grows image inputs as the previous one is connected
+# (Autogrow). Older versions (0.3.64) get ten inputs images.image_1..10 instead (image_1 required);
+# the node behaves the same and workflows use the same input names on both.
 _AUTOGROW = getattr(io, "Autogrow", None)
 IMAGE_NAMES = [f"image_{i}" for i in range(1, MAX_REFERENCES + 1)]
 
@@ -59,6 +60,13 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                     max=0xFFFFFFFF,
                     tooltip="Seed of the prompt rewriting (only used when upsample_prompt is on).",
                 ),
+                io.Int.Input(
+                    "upsample_max_tokens",
+                    default=512,
+                    min=8,
+                    max=2048,
+                    tooltip="Most tokens the rewritten prompt may have (only used when upsample_prompt is on).",
+                ),
                 io.Image.Input(
                     "upsample_images",
                     optional=True,
@@ -75,12 +83,15 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
 
     @classmethod
     @user_errors
-    def execute(cls, text_encoder, prompt, negative_prompt, upsample_prompt, upsample_seed, upsample_images=None):
+    def execute(cls, text_encoder, prompt, negative_prompt, upsample_prompt, upsample_seed, upsample_max_tokens,
+                upsample_images=None):
         device = memory.compute_device()
         with text_encoder.using(device):
             encoder = text_encoder.prepare(device)
             if upsample_prompt:
-                prompt = encoder.upsample(prompt, images=_images_to_pil(upsample_images), seed=upsample_seed)
+                prompt = encoder.upsample(
+                    prompt, images=_images_to_pil(upsample_images), seed=upsample_seed, max_new_tokens=upsample_max_tokens
+                )
                 log.info("Flux2Local: upsampled prompt: %s", prompt)
             embeds = encoder.encode([prompt]).to(memory.offload_device())
             # The negative is needed only for CFG on base models (Qwen3 family) or when the user typed
@@ -103,8 +114,12 @@ def _image_inputs() -> list:
         tip = "A reference image (IMAGE). The next input appears when this one is connected; up to 10."
         tmpl = _AUTOGROW.TemplateNames(io.Image.Input("image", tooltip=tip), names=IMAGE_NAMES, min=1)
         return [_AUTOGROW.Input("images", template=tmpl, tooltip="Reference images, 1 to 10.")]
+    # Same input ids as Autogrow produces ("images.image_1"...), so saved workflows work on both.
     tip = "A reference image (IMAGE); image_1 is required, the others optional; up to 10."
-    return [io.Image.Input(name, optional=i > 0, tooltip=tip) for i, name in enumerate(IMAGE_NAMES)]
+    return [
+        io.Image.Input(f"images.{name}", display_name=name, optional=i > 0, tooltip=tip)
+        for i, name in enumerate(IMAGE_NAMES)
+    ]
 
 
 class Flux2LocalMultiReference(io.ComfyNode):
@@ -142,7 +157,8 @@ class Flux2LocalMultiReference(io.ComfyNode):
     def execute(cls, conditioning, vae, megapixels_per_reference, images=None, **loose_images):
         from ..flux2_core import InputError, prepare_reference_latents
 
-        named = dict(images or {}) | loose_images
+        # Autogrow passes {"image_1": ...} as `images`; older ComfyUI passes "images.image_1"=... keywords.
+        named = dict(images or {}) | {k.removeprefix("images."): v for k, v in loose_images.items()}
         tensors = [named[n] for n in IMAGE_NAMES if named.get(n) is not None]
         # An IMAGE input may be a batch; every image in it is one reference.
         refs = [img[None] for t in tensors for img in t]

@@ -52,12 +52,18 @@ class ModuleHolder(memory.GpuHolder):
     def gpu_bytes(self) -> int:
         return self.total_bytes if self.on_gpu else 0
 
-    def prepare(self, device: torch.device) -> nn.Module:
-        """Returns the module ready to run on ``device`` (moving or streaming weights as needed)."""
+    def prepare(self, device: torch.device, activation_bytes: int = 0) -> nn.Module:
+        """Returns the module ready to run on ``device`` (moving or streaming weights as needed).
+
+        Args:
+            device: the compute device; on the CPU nothing moves.
+            activation_bytes: the caller's estimate of the run's activation peak, kept free on top of
+                ComfyUI's inference reserve when the weight budget is "auto".
+        """
         if device.type == "cpu" or (self.on_gpu and self.device == device):
             return self.module
         self.offload()
-        budget = self._budget(device)
+        budget = self._budget(device, activation_bytes)
         if self.streaming is None or self.total_bytes <= budget:
             memory.make_room(self.total_bytes, device)
             self.module.to(device)
@@ -66,12 +72,13 @@ class ModuleHolder(memory.GpuHolder):
         self.device = device
         return self.module
 
-    def _budget(self, device: torch.device) -> int:
+    def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:
             return int(self.streaming.vram_budget_gb * GIB)
-        # Auto: ask ComfyUI to unload what it can first, then take what is left above its reserve.
-        memory.make_room(self.total_bytes, device)
-        return memory.vram_budget(device)
+        # Auto: ask ComfyUI to unload what it can first, then take what is left above its reserve
+        # and the activations.
+        memory.make_room(self.total_bytes + activation_bytes, device)
+        return max(0, memory.vram_budget(device) - activation_bytes)
 
     def _attach_streamer(self, device: torch.device, budget: int) -> None:
         from ..weight_streaming import StreamingConfig, WeightStreamer

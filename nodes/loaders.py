@@ -133,10 +133,7 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, text_encoder_name, tokenizer, dtype) -> io.NodeOutput:
-        try:
-            from ..flux2_core import load_text_encoder
-        except ImportError:  # TODO: drop once flux2_core re-exports it (issue 4)
-            from ..flux2_core.text_encoders.loader import load_text_encoder
+        from ..flux2_core import load_text_encoder
 
         path = resolve_model_path("text_encoders", text_encoder_name)
         tok = None if tokenizer == "auto" else resolve_model_path("text_encoders", tokenizer)

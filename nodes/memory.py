@@ -9,13 +9,15 @@ ModelPatchers, so ComfyUI does not know about their VRAM by itself. This module 
 - ``free_memory`` is wrapped once so that when ComfyUI needs memory our idle GPU weights are given
   back too. ``unload_all_models`` (the "Free model and node cache" button, ``POST /free``, OOM
   recovery) is ``free_memory(1e30, device)``, so it reaches our models through the same hook;
-- outputs go to ``intermediate_device()``.
+- outputs go to ``intermediate_device()``;
+- under DynamicVRAM (per-node CUDA memory pools) weights never stay on the GPU between nodes.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,6 +74,18 @@ class GpuHolder:
             raise
         finally:
             self.in_use = False
+        if per_node_memory_pools():
+            self.offload()
+
+
+def per_node_memory_pools() -> bool:
+    """True under ComfyUI's DynamicVRAM (``--fast dynamic_vram``, comfy-aimdo allocator).
+
+    There each node's CUDA allocations live in that node's own memory pool, so weights we placed on
+    the GPU must not outlive the node that placed them: holders offload at the end of every use.
+    """
+    pools = sys.modules.get("comfy.memory_management")
+    return getattr(pools, "aimdo_allocator", None) is not None
 
 
 def compute_device() -> torch.device:

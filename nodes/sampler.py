@@ -23,7 +23,6 @@ from .types import CATEGORY, Flux2Conditioning, Flux2Model
 log = logging.getLogger(__name__)
 
 
-
 def variant_defaults(cfg) -> tuple[int, float]:
     """(steps, guidance) used when the node's value is 0 = auto, from BFL's defaults.
 
@@ -36,6 +35,17 @@ def variant_defaults(cfg) -> tuple[int, float]:
     if cfg.distilled:
         return 4, 1.0
     return 50, 4.0
+
+
+def activation_estimate(cfg, width: int, height: int, n_ref_tokens: int) -> int:
+    """Rough activation peak of one transformer block in bytes, kept free when budgeting weights.
+
+    Per token a block holds about 24 x hidden values at once (qkv 3H, SwiGLU 6H in + 3H out, attention
+    output, residuals and modulated copies), in 2-byte compute dtype; tokens = image + references +
+    512 text tokens.
+    """
+    tokens = (width // 16) * (height // 16) + n_ref_tokens + 512
+    return tokens * cfg.hidden_size * 24 * 2
 
 
 def _previewer(device: torch.device):
@@ -163,21 +173,26 @@ class Flux2LocalSampler(io.ComfyNode):
 
         log.info("Flux2Local: sampling %d steps at %dx%d (guidance %.2f, seed %d)", steps, width, height, guidance, seed)
         with model.using(device):
-            transformer = model.prepare(device)
-            dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+            n_ref = sum(r.shape[-2] * r.shape[-1] for r in conditioning.reference_latents)
+            transformer = model.prepare(device, activation_estimate(cfg, width, height, n_ref))
+            batch = 1 if init is None else init.shape[0]
+
+            def dev(t):  # embeddings (1, L, ctx) -> (batch, L, ctx) on the compute device
+                return None if t is None else t.to(device).expand(batch, -1, -1)
+
             with _interruptible_blocks(transformer):
                 samples = sample_latents(
                     transformer=transformer,
                     prompt_embeds=dev(conditioning.prompt_embeds),
                     negative_prompt_embeds=dev(conditioning.negative_embeds),
-                    reference_latents=[dev(r) for r in conditioning.reference_latents] or None,
+                    reference_latents=[r.to(device) for r in conditioning.reference_latents] or None,
                     width=width,
                     height=height,
                     steps=steps,
                     guidance=guidance,
                     seed=seed,
                     noise=noise.to(device),
-                    init_latents=dev(init),
+                    init_latents=None if init is None else init.to(device),
                     denoise=denoise if init is not None else 1.0,
                     callback=on_step,
                 )

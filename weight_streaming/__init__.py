@@ -1,8 +1,22 @@
-"""Generic block paging between pinned host RAM and the GPU. Never imports ComfyUI or flux2_core."""
+"""Generic block paging between pinned host RAM and the GPU. Never imports ComfyUI or flux2_core.
+
+    streamer = WeightStreamer(model, StreamingConfig(vram_budget=16 << 30), "cuda")
+    streamer.attach()                  # plan, place resident weights, pin the streamed blocks
+    with torch.inference_mode():
+        out = streamer.call(model, **inputs)   # a forward pass; lowers residency on a CUDA OOM
+    streamer.telemetry()               # bytes, pinned bytes, copy bandwidth, stall per step
+    streamer.detach()                  # model back on the CPU, device and pinned memory released
+
+The model declares its block lists (`streamable_blocks = ("double_blocks", "single_blocks")`) or they
+are passed as `blocks=`. `StreamingConfig.block_seconds` (e.g. from `measure_block_seconds` on a resident
+run) lets the planner compare plans by modelled step time; without it, `StreamingConfig.block_flops`
+(FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe.
+"""
 
 from .blocks import find_blocks
 from .config import PRESETS, StreamingConfig
 from .errors import StreamingError
+from .estimate import estimate_block_seconds, measure_matmul_flops
 from .host import WeightSource
 from .planner import Plan, Timing, plan_residency
 from .profile import measure_block_seconds, measure_link_bandwidth
@@ -18,8 +32,10 @@ __all__ = [
     "Timing",
     "WeightSource",
     "WeightStreamer",
+    "estimate_block_seconds",
     "find_blocks",
     "measure_block_seconds",
     "measure_link_bandwidth",
+    "measure_matmul_flops",
     "plan_residency",
 ]

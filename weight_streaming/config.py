@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from .errors import StreamingError
+from .estimate import DEFAULT_FLOPS_EFFICIENCY
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class StreamingConfig:
             for the workload at hand; with it the planner compares plans by modelled step time and may
             use a deeper ring (see `planner.Timing`).
         link_bandwidth: host-to-device bytes per second for that model; None measures it at attach.
+        block_flops: optional FLOPs of each block (execution order) for the workload at hand; used only
+            when `block_seconds` is None: turned into seconds with a matmul probe on the device at attach
+            (`estimate.measure_matmul_flops`, cached per device), so no resident run is needed.
+        matmul_flops: the device's matmul FLOP/s for that estimate; None probes it.
+        flops_efficiency: fraction of the matmul rate a whole block reaches (see `estimate`).
         max_oom_retries: how often a device out-of-memory while attaching lowers the budget and retries.
         oom_shrink: factor applied to the budget on each such retry.
     """
@@ -55,6 +61,9 @@ class StreamingConfig:
     timing: bool = True
     block_seconds: tuple[float, ...] | None = None
     link_bandwidth: float | None = None
+    block_flops: tuple[float, ...] | None = None
+    matmul_flops: float | None = None
+    flops_efficiency: float = DEFAULT_FLOPS_EFFICIENCY
     max_oom_retries: int = 4
     oom_shrink: float = 0.85
 
@@ -72,6 +81,12 @@ class StreamingConfig:
             )
         if self.pinned_cap is not None and self.pinned_cap < 0:
             raise StreamingError(f"pinned_cap={self.pinned_cap} is not valid: give bytes >= 0 or None.")
+        if not 0.0 < self.flops_efficiency <= 1.0:
+            raise StreamingError(
+                f"flops_efficiency={self.flops_efficiency} is not valid: it must lie in (0, 1]."
+            )
+        if self.block_flops is not None and any(f < 0 for f in self.block_flops):
+            raise StreamingError("block_flops must all be >= 0 (FLOPs of each block in execution order).")
         if not 0.0 < self.oom_shrink < 1.0:
             raise StreamingError(f"oom_shrink={self.oom_shrink} is not valid: it must lie in (0, 1).")
 

@@ -1,13 +1,9 @@
 """WeightStreamer: keeps part of a model's blocks on the device and pages the rest in from host RAM.
 
-Per streamed block, in static execution order (no traced first pass):
-  enter block j: take the ring slot that holds j (copy issued earlier), issue copies for the next
-      `prefetch_depth` streamed blocks into free slots, make the compute stream wait for j's copy,
-      point j's parameters at views of the slot;
-  leave block j (also on an exception): point j's parameters back at the host buffer, record on the
-      compute stream that the slot's last reader is queued.
-The copies after the last streamed block wrap around to the first ones, so the next forward pass (and
-the first one, primed at attach) starts without waiting. Weights are never copied back to the host.
+attach(): plan residency within the budget (`planner`), put the non-block weights, the resident blocks
+and a fixed ring of staging buffers on the device (lowering the budget and retrying on out-of-memory),
+copy each streamed block into one contiguous pinned host buffer, then hand the per-block ordering to
+`scheduler.Scheduler`. detach() undoes all of it.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,8 +22,10 @@ from .config import StreamingConfig
 from .errors import StreamingError
 from .host import BlockLayout, HostAllocator, HostBuffer, WeightSource, fill_block, set_param_data
 from .planner import Plan, Timing, plan_residency
+from .estimate import estimate_block_seconds, measure_matmul_flops
 from .profile import measure_link_bandwidth
 from .ring import DeviceOps, Ring
+from .scheduler import Scheduler
 from .telemetry import EventLog, Telemetry
 
 logger = logging.getLogger(__name__)
@@ -89,10 +86,8 @@ class WeightStreamer:
         self._layouts: list[BlockLayout] = []
         self._streamed: list[int] = []  # layout index of each streamed position
         self._host: list[HostBuffer] = []  # per streamed position
-        self._host_views: list[list[torch.Tensor]] = []
         self._placed: list[tuple[object, str, torch.Tensor]] = []  # (owner, attr, was) undo log
         self._hooks: list = []
-        self._queue: deque = deque()  # (position, slot) copies issued ahead, in the order they are needed
         self._ring: Ring | None = None
         self._ops: DeviceOps | None = None
         self._log: EventLog | None = None
@@ -100,7 +95,8 @@ class WeightStreamer:
         self._step = 0
         self._oom_retries = 0
         self._attach_s = 0.0
-        self._warned_grad = False
+        self.scheduler: Scheduler | None = None
+        self.timing: Timing | None = None  # what the planner used (measured or estimated times)
 
     # ------------------------------------------------------------------ attach / detach
     def attach(self) -> Plan:
@@ -124,10 +120,16 @@ class WeightStreamer:
         budget = cfg.resolve_budget(self.device)
         sizes = [lay.nbytes for lay in self._layouts]
         timing = None
-        if cfg.block_seconds is not None:
+        block_seconds = cfg.block_seconds
+        if block_seconds is None and cfg.block_flops is not None:
+            # No measured times: estimate them from the owner's FLOP counts and a matmul probe.
+            rate = cfg.matmul_flops or measure_matmul_flops(self.device, self._compute_dtype())
+            block_seconds = estimate_block_seconds(cfg.block_flops, rate, cfg.flops_efficiency)
+        if block_seconds is not None:
             bw = cfg.link_bandwidth or measure_link_bandwidth(self.device)
             if bw:
-                timing = Timing(tuple(cfg.block_seconds), bw)
+                timing = Timing(tuple(block_seconds), bw)
+        self.timing = timing
         for attempt in range(cfg.max_oom_retries + 1):
             plan = plan_residency(sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing)
             try:
@@ -153,19 +155,23 @@ class WeightStreamer:
         self._streamed = plan.streamed_indices
         pin = cfg.pin_memory if cfg.pin_memory is not None else self.device.type == "cuda"
         self._alloc = HostAllocator(pin, cfg.pinned_cap)
-        self._host, self._host_views = self._fill_host([self._layouts[i] for i in self._streamed])
+        try:
+            self._host, host_views = self._fill_host([self._layouts[i] for i in self._streamed])
+        except BaseException:
+            # e.g. a source that cannot read a tensor: take the weights off the device again. Buffers
+            # already filled unpin themselves when dropped; their parameters keep the bytes.
+            self._unplace()
+            self._reset_state()
+            raise
         if self._ring is not None:
-            # Typed views of every (slot, position) pair, made once here: nothing is allocated or
-            # created per step, and views made here are ordinary tensors even if the forward runs
-            # under inference_mode.
-            for slot in self._ring.slots:
-                for j, idx in enumerate(self._streamed):
-                    slot.views[j] = self._layouts[idx].views(slot.buf)
-        for j, idx in enumerate(self._streamed):
-            self._wrap(self._layouts[idx].module, j)
+            self.scheduler = Scheduler(
+                self._ops, self._ring, self._log, [self._layouts[i] for i in self._streamed], self._host, host_views
+            )
+            self.scheduler.wrap_all()
         self._hooks.append(self.model.register_forward_pre_hook(self._on_step))
         self.attached = True
-        self._prime()
+        if self.scheduler is not None:
+            self.scheduler.prime()
         self._attach_s = time.perf_counter() - t0
         logger.info(
             "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB), %d streamed (%.2f GiB, "
@@ -242,6 +248,15 @@ class WeightStreamer:
         self._placed.clear()
         self._ring = None
 
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype the blocks compute in: the most common floating dtype of at least 2 bytes."""
+        counts: dict[torch.dtype, int] = {}
+        for lay in self._layouts:
+            for s in lay.params:
+                if s.dtype.is_floating_point and s.dtype.itemsize >= 2:
+                    counts[s.dtype] = counts.get(s.dtype, 0) + s.nbytes // s.dtype.itemsize
+        return max(counts, key=counts.get) if counts else torch.float32
+
     def detach(self) -> None:
         """Stop streaming: the model is back on the CPU in ordinary memory; device and pinned memory
         (ring, resident copies, page locks) are released."""
@@ -250,8 +265,8 @@ class WeightStreamer:
         self._ops.synchronize()
         for h in self._hooks:
             h.remove()
-        for idx in self._streamed:
-            self._layouts[idx].module.__dict__.pop("forward", None)
+        if self.scheduler is not None:
+            self.scheduler.unwrap_all()
         for buf in self._host:
             self._alloc.release(buf)  # unpins; the parameters keep the bytes as pageable memory
         for owner, attr, _was in self._placed:
@@ -303,124 +318,22 @@ class WeightStreamer:
     def __exit__(self, *exc) -> None:
         self.detach()
 
-    # ------------------------------------------------------------------ per-block scheduling
-    def _wrap(self, module: nn.Module, j: int) -> None:
-        inner = module.forward
-
-        def forward(*args, **kwargs):
-            slot = self._enter(j)
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self._leave(j, slot)
-
-        # An instance attribute shadows the class's forward; detach removes it again.
-        module.forward = forward
-
     def _on_step(self, module, args) -> None:
         self._step += 1
-        self._log.harvest()
-        self._prime()
+        if self.scheduler is not None:
+            self.scheduler.on_step(self._step)
+        else:
+            self._log.harvest()
 
-    def _prime(self) -> None:
-        """Make sure the copies for the first streamed blocks are issued (at attach, after a cancel)."""
-        if not self._streamed:
-            return
-        if not self._queue or self._queue[0][0] != 0:
-            self._queue.clear()
-            self._topup(0)
+    @property
+    def ring(self) -> Ring | None:
+        """The device staging buffers (None when nothing is streamed)."""
+        return self._ring
 
-    def _targets(self, start: int) -> list[int]:
-        # Every slot but the running block's holds a block in flight: a planner-chosen deeper ring
-        # deepens the prefetch with it.
-        m = len(self._streamed)
-        return [(start + k) % m for k in range(min(self.plan.ring_slots - 1, m))]
-
-    def _topup(self, start: int, skip: int | None = None) -> None:
-        queued = {s.index for _, s in self._queue}
-        qpos = {p for p, _ in self._queue}
-        for t in self._targets(start):
-            if t in qpos or t == skip:
-                continue
-            slot = self._ring.find_holding(t, queued) or self._ring.free_slot(queued)
-            if slot is None:
-                break
-            if slot.holds != t:
-                self._issue_copy(t, slot)
-            self._queue.append((t, slot))
-            queued.add(slot.index)
-            qpos.add(t)
-
-    def _issue_copy(self, j: int, slot) -> None:
-        ops, host = self._ops, self._host[j]
-        n = host.data.numel()
-        # SYNC (write-after-read): the copy stream waits until the compute stream has finished the last
-        # block that read this slot; without it the copy could overwrite weights a queued kernel reads.
-        ops.copy_stream.wait_event(slot.compute_done)
-        with ops.on_copy_stream():
-            start = ops.event(timing=True)
-            if ops.timing:
-                start.record(ops.copy_stream)
-            slot.buf[:n].copy_(host.data, non_blocking=True)
-            if ops.timing:
-                end = ops.event(timing=True)
-                end.record(ops.copy_stream)
-                self._log.copy(start, end, n)
-            # Producer side of the read-after-write sync in _enter.
-            slot.copy_done.record(ops.copy_stream)
-        slot.holds = j
-
-    def _take(self, j: int):
-        """The slot holding (or receiving) block j; issues the copy now if none was issued ahead."""
-        while self._queue:
-            pos, slot = self._queue[0]
-            if pos == j:
-                self._queue.popleft()
-                return slot
-            if all(p != j for p, _ in self._queue):
-                break
-            self._queue.popleft()  # a block was skipped: its slot is simply free again
-        # Out of order (first block after a cancel, or blocks skipped): start over from j.
-        self._queue.clear()
-        slot = self._ring.find_holding(j, set()) or self._ring.free_slot(set())
-        if slot is None:
-            raise StreamingError("no free ring slot: streamed blocks are nested inside each other.")
-        if slot.holds != j:
-            self._issue_copy(j, slot)
-        return slot
-
-    def _enter(self, j: int):
-        if not self._warned_grad and torch.is_grad_enabled():
-            self._warned_grad = True
-            logger.warning("streamed forward with autograd on: run under torch.no_grad(); gradients through "
-                           "streamed weights would be wrong.")
-        ops = self._ops
-        slot = self._take(j)
-        slot.busy = True
-        self._ring.touch(slot)
-        self._topup((j + 1) % len(self._streamed), skip=j)
-        compute = ops.compute_stream()
-        if ops.timing:
-            t0 = ops.event(timing=True)
-            t0.record(compute)
-        # SYNC (read-after-write): the compute stream waits for the copy into this slot; without it the
-        # block's kernels could read a half-copied weight. A GPU-side wait: the host does not block.
-        compute.wait_event(slot.copy_done)
-        if ops.timing:
-            t1 = ops.event(timing=True)
-            t1.record(compute)
-            self._log.stall(t0, t1, self._step)
-        for s, v in zip(self._layouts[self._streamed[j]].params, slot.views[j]):
-            s.param.data = v
-        return slot
-
-    def _leave(self, j: int, slot) -> None:
-        for s, v in zip(self._layouts[self._streamed[j]].params, self._host_views[j]):
-            s.param.data = v
-        # SYNC (write-after-read), consumer in _issue_copy: marks the point in the compute stream after
-        # which no queued kernel reads this slot any more.
-        slot.compute_done.record(self._ops.compute_stream())
-        slot.busy = False
+    @property
+    def host_buffers(self) -> list[HostBuffer]:
+        """The streamed blocks' host buffers, in streamed order."""
+        return self._host
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self, sync: bool = False) -> Telemetry:

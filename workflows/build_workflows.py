@@ -69,7 +69,7 @@ OUTPUTS = {
 WIDGETS = {
     "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
     "Flux2LocalTextEncoderLoader": ["text_encoder_name", "tokenizer", "dtype"],
-    "Flux2LocalEncodePrompt": ["prompt", "negative_prompt", "upsample_prompt", "upsample_seed"],
+    "Flux2LocalEncodePrompt": ["prompt", "negative_prompt", "upsample_prompt", "upsample_seed", "upsample_max_tokens"],
     "Flux2LocalMultiReference": ["megapixels_per_reference"],
     "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
     "Flux2LocalVAELoader": ["vae_name", "dtype"],
@@ -98,7 +98,7 @@ def pipeline(model: str, te: str, prompt: str, *, negative: str = "", width=1024
         Node(1, "Flux2LocalModelLoader", [model, "bf16", True, vram_gb, 0.0]),
         Node(2, "Flux2LocalTextEncoderLoader", [te, "auto", "bf16"]),
         Node(3, "Flux2LocalVAELoader", [VAE, "bf16"]),
-        Node(4, "Flux2LocalEncodePrompt", [prompt, negative, False, 0], {"text_encoder": (2, 0)}),
+        Node(4, "Flux2LocalEncodePrompt", [prompt, negative, False, 0, 512], {"text_encoder": (2, 0)}),
     ]
     cond = (4, 0)
     if refs:

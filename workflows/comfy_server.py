@@ -78,6 +78,7 @@ class ComfyServer:
     """One headless ComfyUI process on 127.0.0.1 with its own --base-directory."""
 
     base: Path
+    tree: Path | None = None  # the ComfyUI tree to run; default $COMFYUI_PATH
     port: int = 0
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen | None = None
@@ -89,7 +90,7 @@ class ComfyServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 120.0) -> ComfyServer:
-        tree = comfyui_path()
+        tree = self.tree or comfyui_path()
         self.port = self.port or free_port()
         self.log_path = self.base / "comfyui.log"
         cmd = [

@@ -18,6 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +77,7 @@ def ensure_inputs(prompt: dict, input_dir: Path, user_input_dir: Path) -> None:
             shutil.copy(user_input_dir / name, input_dir / name)
             continue
         say(f"no {name} in {user_input_dir}: using a generated sample picture instead")
-        rng = np.random.default_rng(abs(hash(name)) % 2**32)
+        rng = np.random.default_rng(zlib.crc32(name.encode()))  # same picture every run
         yy, xx = np.mgrid[0:512, 0:512]
         img = np.stack([xx / 512, yy / 512, (xx * yy) / 512**2], -1) * 200 + rng.uniform(0, 55, (512, 512, 3))
         Image.fromarray(img.astype(np.uint8)).save(input_dir / name)

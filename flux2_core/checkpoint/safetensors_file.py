@@ -81,6 +81,7 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         self._storage: torch.UntypedStorage | None = None
+        self._map_failed = False
         self._infos, self.metadata, self._data_start = self._parse_header()
 
     # ----------------------------------------------------------------------------------- header
@@ -187,23 +188,31 @@ class SafetensorsFile:
     def nbytes(self, key: str) -> int:
         return self.info(key).nbytes
 
-    def _mapped(self) -> torch.UntypedStorage:
-        if self._storage is None:
-            # shared=False maps the file privately (copy on write): pages are read lazily and a
-            # caller writing into a returned tensor never changes the file.
-            self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
-                                                           nbytes=os.path.getsize(self.path))
+    def _mapped(self) -> torch.UntypedStorage | None:
+        if self._storage is None and not self._map_failed:
+            try:
+                # shared=False maps the file privately (copy on write): pages are read lazily and a
+                # caller writing into a returned tensor never changes the file.
+                self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
+                                                               nbytes=os.path.getsize(self.path))
+            except (RuntimeError, OSError) as e:  # e.g. a platform without private file mappings
+                logger.warning("cannot memory-map %s (%s); reading tensors with copies", self.path, e)
+                self._map_failed = True
         return self._storage
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as a CPU tensor viewing the memory-mapped file (no copy).
 
-        Falls back to a copy when the tensor's byte offset is not aligned to its element size.
+        Falls back to a copy when the tensor's byte offset is not aligned to its element size, or
+        when the file cannot be memory-mapped.
         """
         info = self.info(key)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        raw = torch.empty(0, dtype=torch.uint8).set_(self._mapped(), info.begin, (info.nbytes,), (1,))
+        storage = self._mapped()
+        if storage is None:
+            return self.read_into(key, torch.empty(info.shape, dtype=info.dtype))
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.nbytes,), (1,))
         if info.begin % _itemsize(info.dtype):
             raw = raw.clone()
         return raw.view(info.dtype).view(info.shape)

@@ -120,7 +120,8 @@ class Flux2Transformer(nn.Module):
         else:
             ids = [txt_ids, img_ids]
         axes, theta = self.config.axes_dim, self.config.theta
-        rope = cat_rope([rope_tables(i.expand(B, -1, -1), axes, theta) for i in ids])
+        # ids may be (L, 4) or (1, L, 4) shared by the batch, or (B, L, 4)
+        rope = cat_rope([rope_tables(i.reshape(-1, *i.shape[-2:]).expand(B, -1, -1), axes, theta) for i in ids])
 
         def attention(kind: str, index: int):
             if extract:

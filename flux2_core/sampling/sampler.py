@@ -69,6 +69,12 @@ def _check_embeds(name: str, embeds: Tensor, context_dim: int | None) -> None:
                          f"{context_dim}. Fix: use the text encoder that belongs to this FLUX.2 model.")
 
 
+def _check_batch(name: str, t: Tensor, batch: int) -> None:
+    if t.shape[0] not in (1, batch):
+        raise InputError(f"{name} has batch size {t.shape[0]} but the prompt embeddings have {batch}. "
+                         "Fix: give one item (shared) or one per prompt.")
+
+
 def start_index(steps: int, denoise: float) -> int:
     """First schedule index for image-to-image: the last round(steps * denoise) steps are run."""
     if not 0.0 < denoise <= 1.0:
@@ -172,6 +178,7 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
                              "needs true CFG: pass negative_prompt_embeds (the encoding of the empty prompt "
                              "\"\" if you have no negative prompt), or set guidance to 1 to disable CFG.")
         _check_embeds("negative_prompt_embeds", negative_prompt_embeds, getattr(cfg, "context_dim", None))
+        _check_batch("negative_prompt_embeds", negative_prompt_embeds, b)
         neg = negative_prompt_embeds.to(device).expand(b, -1, -1)
 
     if sigmas is None:
@@ -179,7 +186,9 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}.")
     h, w = height // DOWNSCALE, width // DOWNSCALE
-    schedule = list(sigmas) if sigmas is not None else flux2_sigmas(steps, h * w)
+    schedule = [float(v) for v in sigmas] if sigmas is not None else flux2_sigmas(steps, h * w)
+    if len(schedule) < 2:
+        raise InputError(f"sigmas needs at least 2 values (start and end), got {len(schedule)}.")
     first = 0
     if init_latents is not None:
         first = start_index(len(schedule) - 1, denoise)
@@ -196,6 +205,7 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
         if init_latents.ndim != 4 or tuple(init_latents.shape[1:]) != shape[1:]:
             raise InputError(f"init_latents has shape {tuple(init_latents.shape)}; expected (B, "
                              f"{LATENT_CHANNELS}, {h}, {w}) for {width}x{height}.")
+        _check_batch("init_latents", init_latents, b)
         s0 = schedule[first]
         x = s0 * x + (1.0 - s0) * init_latents.to(device, torch.float32).expand(b, -1, -1, -1)
 

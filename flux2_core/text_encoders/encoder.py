@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
 
 from ..errors import InputError
 from .cache import EMBEDDING_CACHE, EmbeddingCache
@@ -48,6 +47,10 @@ class Flux2TextEncoder(nn.Module):
         self.vlm_config = None  # transformers Mistral3Config once the vision tower is loaded
         self.identity = identity
         self.cache = cache
+        self.checkpoint_layout: str | None = None  # set by the loader, e.g. "decoder", "hf-mistral3"
+        self.quant: str | None = None  # None, "fp8" or "fp8-legacy"
+        # ``read_into(param_name, out)`` over the checkpoint, for WeightStreamer(source=...); set by the loader.
+        self.weight_source = None
         # Set by the loader: loads layers past spec.layers_needed, the head and the vision tower.
         self._complete_for_generation: Callable[[Flux2TextEncoder], None] | None = None
         cfg = model.config
@@ -106,6 +109,8 @@ class Flux2TextEncoder(nn.Module):
         Returns:
             (B, L, 3 x hidden) in the model dtype, layer-major along the last axis.
         """
+        from transformers.masking_utils import create_causal_mask
+
         model = self.model
         wanted = set(self.spec.hidden_layers)
         n_run = self.spec.layers_needed

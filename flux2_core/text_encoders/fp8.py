@@ -7,9 +7,13 @@ transfer size; the full-precision weight exists only while its layer computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 class Fp8Linear(nn.Module):
@@ -41,16 +45,22 @@ class Fp8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
-def swap_fp8_linears(module: nn.Module, fp8_dtype: torch.dtype) -> list[str]:
-    """Replace every bias-free ``nn.Linear`` under ``module`` by an ``Fp8Linear`` (on meta).
+def swap_fp8_linears(module: nn.Module, stored_dtype: Callable[[str], torch.dtype | None]) -> list[str]:
+    """Replace each bias-free ``nn.Linear`` under ``module`` whose stored weight is float8 (on meta).
+
+    Args:
+        module: the module to edit in place.
+        stored_dtype: qualified Linear name (relative to ``module``) -> dtype of its weight in the
+            file, or ``None`` when the file does not have it.
 
     Returns:
-        The qualified names of the replaced Linears, relative to ``module``.
+        The qualified names of the replaced Linears.
     """
     names = []
     for name, child in list(module.named_modules()):
         for attr, sub in list(child.named_children()):
-            if type(sub) is nn.Linear and sub.bias is None:
-                setattr(child, attr, Fp8Linear(sub.in_features, sub.out_features, fp8_dtype, device="meta"))
-                names.append(f"{name}.{attr}" if name else attr)
+            qual = f"{name}.{attr}" if name else attr
+            if type(sub) is nn.Linear and sub.bias is None and stored_dtype(qual) in _FP8_DTYPES:
+                setattr(child, attr, Fp8Linear(sub.in_features, sub.out_features, stored_dtype(qual), device="meta"))
+                names.append(qual)
     return names

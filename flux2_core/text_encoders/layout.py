@@ -183,6 +183,11 @@ def detect_layout(reader, path: str | os.PathLike) -> TextEncoderLayout:
     except ValueError as e:
         raise CheckpointError(path, f"is incomplete: {e}.", "Download the file again.") from None
     vocab, hidden = reader.shape(f"{dec}embed_tokens.weight")
+    family_vocab = {MISTRAL3: DECODER_PRESETS["mistral-small-3.2-24b"].vocab_size,
+                    QWEN3: DECODER_PRESETS["qwen3-4b"].vocab_size}[kind]
+    if vocab != family_vocab:  # e.g. Llama 3 (128256) or Gemma 3 (262144) have the same key names
+        raise CheckpointError(path, f"is a language model with a {vocab}-token vocabulary, not "
+                              f"{'Mistral Small 3.x' if kind == MISTRAL3 else 'Qwen3'} ({family_vocab}).", _TE_FIX)
     head_dim = _infer_head_dim(kind, reader, dec, hidden, text_cfg)
     q_out = reader.shape(f"{dec}layers.0.self_attn.q_proj.weight")[0]
     kv_out = reader.shape(f"{dec}layers.0.self_attn.k_proj.weight")[0]

@@ -141,12 +141,13 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
     with torch.device("meta"):
         model = (MistralModel if layout.kind == MISTRAL3 else Qwen3Model)(cfg)
     model.eval().requires_grad_(False)
-    for i, layer in enumerate(model.layers):
-        fp8_names = [n for n, m in layer.named_modules() if type(m) is nn.Linear
-                     and reader.dtype(names.get(f"model.layers.{i}.{n}.weight", "")) in _FP8
-                     if names.get(f"model.layers.{i}.{n}.weight")]
-        if fp8_names:
-            swap_fp8_linears(layer, reader.dtype(names[f"model.layers.{i}.{fp8_names[0]}.weight"]))
+    # Linears stored as float8 (all of them in ComfyUI's fp8 files, some in "mixed" ones) stay float8.
+    swap_fp8_linears(model.layers, lambda name: reader.dtype(names[f"model.layers.{name}.weight"])
+                     if f"model.layers.{name}.weight" in names else None)
+    # The final norm only matters for generation; ComfyUI's pruned [dev] file has no use for (or copy of) it.
+    has_final_norm = "model.norm.weight" in names
+    if not has_final_norm:
+        model.norm = nn.Identity()
     later = list(model.layers[spec.layers_needed:])
     model.layers = nn.ModuleList(list(model.layers[: spec.layers_needed]))
     _assign(model, "model.", names, reader, dtype, root)
@@ -154,17 +155,39 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
 
     files = [f.path for f in reader.files]
     encoder = Flux2TextEncoder(spec, model, prompt_tok, identity=file_identity(files), cache=cache)
-    encoder.checkpoint_layout = layout.name
-    encoder.quant = layout.quant
+    encoder.checkpoint_layout, encoder.quant = layout.name, layout.quant
     encoder.to(device)
-    encoder._complete_for_generation = _make_completer(reader, layout, names, later, dtype, root)
+    encoder._complete_for_generation = _make_completer(reader, layout, names, later, dtype, root, has_final_norm)
+    encoder.weight_source = EncoderWeightSource(reader, names)
     logger.info("loaded %s text encoder from %s (%s layout, %d of %d layers, context %d)", layout.kind, root,
                 layout.name, spec.layers_needed, n_file, encoder.context_dim)
     return encoder
 
 
+class EncoderWeightSource:
+    """``read_into(param_name, out)`` over the encoder's file(s), for the weight-streaming manager.
+
+    Parameter names are the encoder's (``model.layers.3.mlp.up_proj.weight``); the file keys may carry
+    other prefixes. Bytes go straight from the file into ``out`` when the stored dtype is ``out``'s,
+    otherwise the tensor is converted on the way.
+    """
+
+    def __init__(self, reader, names: dict[str, str]):
+        self.reader = reader
+        self.names = names
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        key = self.names.get(name)
+        if key is None:
+            raise KeyError(f"{name} is not stored in {self.reader.path}")
+        if self.reader.dtype(key) == out.dtype and tuple(self.reader.shape(key)) == tuple(out.shape):
+            self.reader.read_into(key, out)
+        else:
+            out.copy_(self.reader.get(key).reshape(out.shape).to(out.dtype))
+
+
 def _make_completer(reader, layout: TextEncoderLayout, names: dict[str, str], later: list[nn.Module],
-                    dtype: torch.dtype, root: str):
+                    dtype: torch.dtype, root: str, has_final_norm: bool):
     """A one-shot loader of what generation needs on top of encoding."""
     state = {"done": False}
 
@@ -175,6 +198,9 @@ def _make_completer(reader, layout: TextEncoderLayout, names: dict[str, str], la
             raise CheckpointError(root, f"is the pruned {layout.shape.num_hidden_layers}-layer [dev] encoder, "
                                   "which can embed prompts but cannot write text.",
                                   "Use the full mistral_3_small_flux2 file (40 layers) for prompt upsampling.")
+        if not has_final_norm:
+            raise CheckpointError(root, "has no final norm (model.norm.weight), so it cannot write text.",
+                                  "Use the complete text-encoder file for prompt upsampling.")
         model = encoder.model
         device = encoder.device
         first = len(model.layers)

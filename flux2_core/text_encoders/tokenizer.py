@@ -234,15 +234,9 @@ def _candidate_dirs(model_path: Path) -> list[Path]:
     """Folders where a tokenizer for ``model_path`` may live, in search order."""
     base = model_path if model_path.is_dir() else model_path.parent
     dirs = [base / "tokenizer", base]
-    if base.name == "text_encoder":
+    if base.name == "text_encoder":  # diffusers pipeline: <root>/text_encoder + <root>/tokenizer
         dirs.insert(0, base.parent / "tokenizer")
-    if model_path.is_file():
-        dirs.insert(0, base / f"{model_path.stem}_tokenizer")
-    seen: list[Path] = []
-    for d in dirs:
-        if d not in seen:
-            seen.append(d)
-    return seen
+    return dirs
 
 
 def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str] | None:

@@ -53,7 +53,7 @@ def _to_chw(image) -> torch.Tensor:
     t = image.detach().cpu()
     if t.dim() == 4:
         if t.shape[0] != 1:
-            raise InputError(f"reference image batch of {t.shape[0]}: pass the images one by one.")
+            raise InputError(f"reference image batch of {t.shape[0]}: split it (see _split_batches).")
         t = t[0]
     if t.dim() != 3:
         raise InputError(f"reference image has shape {tuple(image.shape)}; expected (H, W, C) or (C, H, W).")
@@ -63,6 +63,17 @@ def _to_chw(image) -> torch.Tensor:
     if t.shape[0] == 1:
         t = t.expand(3, -1, -1)
     return t[:3].clamp(0, 1)
+
+
+def _split_batches(images: Sequence | None) -> list:
+    """A list of images where a (B, H, W, C) batch (ComfyUI IMAGE) counts as B images."""
+    out = []
+    for im in images or []:
+        if isinstance(im, (torch.Tensor, np.ndarray)) and im.ndim == 4:
+            out.extend(im[i: i + 1] for i in range(im.shape[0]))
+        else:
+            out.append(im)
+    return out
 
 
 def _join_side_by_side(images: list[torch.Tensor]) -> torch.Tensor:
@@ -106,7 +117,7 @@ def build_upsample_inputs(encoder, prompt: str, images: Sequence | None = None) 
     """
     if not isinstance(prompt, str):
         raise InputError(f"the prompt to upsample is a {type(prompt).__name__}, not text.")
-    images = [_to_chw(im) for im in (images or [])]  # validates every image, even when text-only
+    images = [_to_chw(im) for im in _split_batches(images)]  # validates every image, even when text-only
     tok = encoder.tokenizer
     use_images = bool(images) and encoder.kind == MISTRAL3 and encoder.vision_tower is not None
     if images and not use_images:

@@ -7,14 +7,10 @@ untrained weights; what is exercised is every loader, layout and node.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 log = logging.getLogger(__name__)
 
@@ -105,23 +101,6 @@ def _context_dim(text_encoder_file: Path) -> int:
 
 
 def _write_transformer(path: Path, variant: str, layout: str, seed: int, context_dim: int) -> Path:
-    from . import transformer as tt
+    from .transformer import write_tiny_transformer
 
-    if "context_dim" in inspect.signature(tt.write_tiny_transformer).parameters:
-        return Path(tt.write_tiny_transformer(path, variant=variant, layout=layout, seed=seed, context_dim=context_dim))
-    # The transformer writer fixes its tiny text width; rebuild its state dict with ours and save it
-    # in the same layout (prefix and FP8 handling as the writer does).
-    config = tt.tiny_config(variant).replace(context_dim=context_dim)
-    sd = tt.random_bfl_state_dict(config, seed, torch.bfloat16)
-    metadata = None
-    if layout in ("bfl-fp8", "comfy-fp8"):
-        from ..config import is_block_linear
-
-        sd = tt._quantized(sd, layout)
-        layers = {k[: -len(".weight")]: {"format": "float8_e4m3fn"} for k in sd if is_block_linear(k)}
-        metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
-    if layout in ("comfyui", "comfy-fp8"):
-        sd = {tt.COMFY_PREFIX + k: v for k, v in sd.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=metadata)
-    return path
+    return Path(write_tiny_transformer(path, variant=variant, layout=layout, seed=seed, context_dim=context_dim))

@@ -149,7 +149,9 @@ def write_tiny_text_encoder(path: str | os.PathLike, kind: str = "qwen3-4b", lay
     if kind == "mistral3":
         sd.pop("lm_head.weight")  # ComfyUI's [dev] encoder files are text-only embedders (no head)
     if layout == "comfyui-pruned":
-        sd = {k: v for k, v in sd.items() if not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))}
+        # 30 layers and no final norm: FLUX.2 reads the raw output of layer 30 (ComfyUI: final_norm=False).
+        sd = {k: v for k, v in sd.items() if k != "model.norm.weight"
+              and not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))}
     if layout in ("comfyui-fp8", "comfyui-fp8-legacy"):
         for key in [k for k in sd if _is_decoder_linear(k)]:
             w8, scale = quantize_fp8(sd[key])

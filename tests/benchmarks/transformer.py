@@ -86,6 +86,32 @@ def bench_ours(c: Flux2Config, x: dict, warmup: int, iters: int):
     return t, peak, weights
 
 
+def bench_ours_fp8(c: Flux2Config, x: dict, warmup: int, iters: int):
+    """Ours with every block Linear as FP8Linear (E4M3 weights, static input scale: torch._scaled_mm)."""
+    from flux2_core.config import is_block_linear
+    from flux2_core.quant import FP8Linear, quantize_fp8
+
+    model = Flux2Transformer(c, dtype=DTYPE, device="cuda").eval()
+    _random_init_(model)
+    for name, _ in list(model.named_parameters()):
+        if not is_block_linear(name):
+            continue
+        layer = name[: -len(".weight")]
+        old = model.get_submodule(layer)
+        new = FP8Linear(old.in_features, old.out_features, True, device="cuda")
+        q, scale = quantize_fp8(old.weight.data)
+        new.weight.data, new.weight_scale, new.input_scale = q, scale, torch.tensor(0.02, device="cuda")
+        parent, _, attr = layer.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+        del old, q
+    _free()
+    weights = torch.cuda.memory_allocated() / 2**30
+    t, peak = _time(lambda: model(**x), warmup, iters)
+    model = None  # noqa: F841
+    _free()
+    return t, peak, weights
+
+
 def bench_diffusers(c: Flux2Config, x: dict, warmup: int, iters: int):
     from diffusers import Flux2Transformer2DModel
 
@@ -147,6 +173,7 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--fp8", action="store_true", help="also time ours with FP8 block linears (_scaled_mm)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -160,6 +187,8 @@ def main() -> None:
         x = _inputs(c, args.image_tokens, args.text_tokens)
         row: dict = {}
         runs = [("ours", bench_ours, ())]
+        if args.fp8:
+            runs.append(("ours_fp8", bench_ours_fp8, ()))
         if "diffusers" in args.anchors:
             runs.append(("diffusers", bench_diffusers, ()))
         if "comfyui" in args.anchors:
@@ -177,7 +206,7 @@ def main() -> None:
             print(f"[{variant}] {name}: {t * 1000:.1f} ms, peak {peak:.2f} GiB "
                   f"(weights {weights:.2f}, activations {peak - weights:.2f})", flush=True)
         ours = row["ours"].get("seconds")
-        for name in ("diffusers", "comfyui"):
+        for name in ("diffusers", "comfyui", "ours_fp8"):
             if ours and row.get(name, {}).get("seconds"):
                 row[f"ratio_vs_{name}"] = round(row[name]["seconds"] / ours, 3)
                 print(f"[{variant}] {name} / ours = {row[f'ratio_vs_{name}']:.3f}x", flush=True)

@@ -13,6 +13,7 @@ from PIL import Image
 WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
 # Editor-only node types: they never reach the server and are absent from /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+REFERENCE_SIZES = ((96, 64), (64, 64), (80, 112))  # (width, height), deliberately not square
 
 
 def api_workflows() -> list[Path]:
@@ -90,3 +91,16 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
             raise AssertionError(f"node {node['id']} ({node['type']}): unused widget values {values}")
         out[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return out
+
+
+def write_reference_images(input_dir: Path) -> list[str]:
+    """Three small deterministic RGB images (gradients plus seeded noise) named as the workflows expect."""
+    names = []
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(REFERENCE_SIZES, start=1):
+        yy, xx = np.mgrid[0:h, 0:w]
+        img = np.stack([xx / w, yy / h, (xx + yy) / (w + h)], -1) * 200 + rng.uniform(0, 55, (h, w, 3))
+        name = f"flux2_reference_{i}.png"
+        Image.fromarray(img.astype(np.uint8)).save(input_dir / name)
+        names.append(name)
+    return names

@@ -44,7 +44,8 @@ def _graph(model_file: str, te_file: str, vae_file: str, guidance: float, cfg: b
                "inputs": {"text_encoder_name": te_file, "tokenizer": "auto", "dtype": "fp32"}},
         "enc": {"class_type": "Flux2LocalEncodePrompt",
                 "inputs": {"text_encoder": ["te", 0], "prompt": "a small red cube on a table",
-                           "negative_prompt": "blurry", "upsample_prompt": False, "upsample_seed": 0}},
+                           "negative_prompt": "blurry", "upsample_prompt": False, "upsample_seed": 0,
+                           "upsample_max_tokens": 512}},
         "vae": {"class_type": "Flux2LocalVAELoader", "inputs": {"vae_name": vae_file, "dtype": "fp32"}},
         # ours
         "m": {"class_type": "Flux2LocalModelLoader",
@@ -75,7 +76,14 @@ def _graph(model_file: str, te_file: str, vae_file: str, guidance: float, cfg: b
         "save_native_vae": {"class_type": "SaveImage",
                             "inputs": {"images": ["nd_ours", 0], "filename_prefix": f"nativevae_{tag}"}},
     }
-    if not decode:  # the VAE is compared once (dev); the other cases compare latents only
+    if decode:  # VAE encode too: the same 96x64 picture through our VAE Encode and native VAEEncode
+        g["img"] = {"class_type": "LoadImage", "inputs": {"image": "flux2_reference_1.png"}}
+        g["e_ours"] = {"class_type": "Flux2LocalVAEEncode", "inputs": {"vae": ["vae", 0], "pixels": ["img", 0], "tiling": "off"}}
+        g["e_native"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["nvae", 0]}}
+        g["lat_e_ours"] = {"class_type": "SaveLatent", "inputs": {"samples": ["e_ours", 0], "filename_prefix": f"latents/encours_{tag}"}}
+        g["lat_e_native"] = {"class_type": "SaveLatent",
+                             "inputs": {"samples": ["e_native", 0], "filename_prefix": f"latents/encnative_{tag}"}}
+    else:  # the VAE is compared once (dev); the other cases compare latents only
         for k in ("d", "save_ours", "nd_ours", "save_native_vae", "vae"):
             del g[k]
     if cfg:
@@ -123,3 +131,6 @@ def test_same_latents_and_images_as_native(comfy, full_size_vae, model_file, te_
         assert img_ours.shape == (H, W, 3)
         assert img_ours.std() > 1e-3
         np.testing.assert_allclose(img_ours, img_native, atol=1.5 / 255)
+        enc_ours, enc_native = _latent(comfy, f"encours_{tag}"), _latent(comfy, f"encnative_{tag}")
+        assert enc_ours.shape == (1, 128, 4, 6)
+        torch.testing.assert_close(enc_ours, enc_native, rtol=1e-3, atol=1e-3)

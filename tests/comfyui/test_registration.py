@@ -60,3 +60,10 @@ def test_pack_loaded_from_arbitrary_folder_name(comfy):
     log = comfy.log_tail(400)
     assert "IMPORT FAILED" not in log or "any-name_flux2pack" not in log.split("IMPORT FAILED")[1][:300]
     assert (comfy.base / "custom_nodes" / "any-name_flux2pack").is_symlink()
+
+
+def test_comfyui_tree_present():
+    """Fails (never skips) with instructions when COMFYUI_PATH holds no ComfyUI tree."""
+    from comfy_server import comfyui_path
+
+    assert (comfyui_path() / "comfy_api" / "latest").is_dir()

@@ -106,3 +106,18 @@ def test_streamable_blocks_take_modulation_as_arguments(tiny_files):
         # a block owns only its own weights: nothing shared with the model's other parts
         names = {n.split(".")[0] for n, _ in blocks[0].named_parameters()}
         assert "double_stream_modulation_img" not in names and "time_in" not in names
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["bfl", "bfl-fp8", "nvfp4"])
+def test_gpu_load_and_bf16_forward(tiny_files, layout):
+    path = tiny_files("dev", layout)
+    ref = load_transformer(path, dtype=torch.float32)
+    model = load_transformer(path, dtype=torch.bfloat16, device="cuda", keep_fp8=layout == "bfl-fp8")
+    assert next(model.parameters()).is_cuda
+    x = make_inputs(ref.config)
+    with torch.no_grad():
+        want = ref(**x)
+        got = model(**{k: None if v is None else v.cuda() for k, v in x.items()}).float().cpu()
+    assert (got - want).norm() / want.norm() < 0.05

@@ -162,3 +162,27 @@ def test_sharded_diffusers_folder(tmp_path, tensors):
     (sub / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         open_checkpoint(tmp_path, subfolder="transformer")
+
+
+def test_get_falls_back_to_reading_when_mapping_fails(tmp_path, tensors, monkeypatch):
+    f = SafetensorsFile(_write(tmp_path / "m.safetensors", tensors))
+
+    def no_map(*args, **kwargs):
+        raise RuntimeError("no private mappings here")
+
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", no_map)
+    for k, t in tensors.items():
+        assert torch.equal(_bytes(f.get(k)), _bytes(t))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory)")
+def test_read_into_pinned_and_cuda(tmp_path, tensors):
+    f = SafetensorsFile(_write(tmp_path / "m.safetensors", tensors))
+    t = tensors["a.weight"]
+    pinned = torch.empty(t.shape, dtype=t.dtype).pin_memory()
+    f.read_into("a.weight", pinned)
+    assert pinned.is_pinned() and torch.equal(pinned, t)
+    on_gpu = torch.empty(t.shape, dtype=t.dtype, device="cuda")
+    f.read_into("a.weight", on_gpu)
+    assert torch.equal(on_gpu.cpu(), t)

@@ -211,6 +211,16 @@ def test_wrong_text_width_rejected():
         sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=torch.zeros(1, 5, 3), width=W, height=H)
 
 
+def test_batch_mismatch_rejected():
+    pos, neg = _embeds("klein-base-4b", b=2)
+    with pytest.raises(InputError, match="batch size 3"):
+        sample_latents(transformer=Recorder("klein-base-4b"), prompt_embeds=pos, width=W, height=H,
+                       negative_prompt_embeds=torch.cat([neg, neg[:1]]))
+    with pytest.raises(InputError, match="init_latents has batch size 3"):
+        sample_latents(transformer=Recorder("klein-base-4b"), prompt_embeds=pos, negative_prompt_embeds=neg,
+                       width=W, height=H, init_latents=torch.zeros(3, 128, H // 16, W // 16), denoise=0.5)
+
+
 def test_eleven_references_rejected(vae):
     images = [torch.zeros(3, 64, 64)] * 11
     with pytest.raises(InputError, match="11 reference images"):

@@ -138,3 +138,17 @@ def test_oom_in_a_forward_pass_lowers_the_resident_set_and_retries(tiny_pair, in
     with pytest.raises(torch.OutOfMemoryError):
         ws2.call(lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("always")))
     ws2.detach()
+
+
+def test_a_source_that_fails_leaves_the_model_detached_and_usable(tiny_pair, inputs):
+    model, ref = tiny_pair()
+
+    class Broken:
+        def read_into(self, name, out):
+            raise OSError(f"cannot read {name}")
+
+    ws = WeightStreamer(model, StreamingConfig(vram_budget=0), "cpu", source=Broken())
+    with pytest.raises(OSError, match="cannot read"):
+        ws.attach()
+    assert not ws.attached and not model._forward_pre_hooks
+    assert not any("forward" in b.__dict__ for b in model.single_blocks)

@@ -50,17 +50,17 @@ def test_cuda_host_buffers_are_page_locked_and_the_ring_never_reallocates(tiny_p
     model, _ = _models(tiny_pair)
     x = _inputs(inputs)
     with torch.no_grad(), WeightStreamer(model, StreamingConfig(vram_budget=0), "cuda") as ws:
-        assert all(h.pinned and h.data.is_pinned() for h in ws._host)
+        assert all(h.pinned and h.data.is_pinned() for h in ws.host_buffers)
         model(*x)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-        ring = [s.buf.data_ptr() for s in ws._ring.slots]
+        ring = [s.buf.data_ptr() for s in ws.ring.slots]
         for _ in range(3):
             out = model(*x)
         del out
         torch.cuda.synchronize()
         assert torch.cuda.memory_allocated() <= before  # no weight allocations left behind per step
-        assert [s.buf.data_ptr() for s in ws._ring.slots] == ring
+        assert [s.buf.data_ptr() for s in ws.ring.slots] == ring
 
 
 def test_cuda_cancel_mid_forward_then_forward_again(tiny_pair, inputs, cancelled_exc):
@@ -71,7 +71,7 @@ def test_cuda_cancel_mid_forward_then_forward_again(tiny_pair, inputs, cancelled
         with pytest.raises(cancelled_exc):
             model(*x)
         model.fail_at = None
-        assert not any(s.busy for s in ws._ring.slots)
+        assert not any(s.busy for s in ws.ring.slots)
         assert all(p.device.type == "cpu" for b in ws.plan.streamed_indices for p in
                    [*model.double_blocks, *model.single_blocks][b].parameters())
         for _ in range(2):

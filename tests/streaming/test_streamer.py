@@ -43,7 +43,7 @@ def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after
     for i, b in enumerate(model.single_blocks):
         b.lin1.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, m.weight.data_ptr())))
     with torch.no_grad(), WeightStreamer(model, StreamingConfig(vram_budget=0), "cpu") as ws:
-        ring = [(s.buf.data_ptr(), s.buf.data_ptr() + s.buf.numel()) for s in ws._ring.slots]
+        ring = [(s.buf.data_ptr(), s.buf.data_ptr() + s.buf.numel()) for s in ws.ring.slots]
         host_ptrs = {b.lin1.weight.data_ptr() for b in model.single_blocks}
         model(*inputs())
         model(*inputs())
@@ -52,7 +52,7 @@ def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after
             assert any(lo <= ptr < hi for lo, hi in ring)
         # Back at the host buffers after the forward, and those are the streamer's own buffers.
         assert {b.lin1.weight.data_ptr() for b in model.single_blocks} == host_ptrs
-        buffers = [(h.data.data_ptr(), h.data.data_ptr() + h.data.numel()) for h in ws._host]
+        buffers = [(h.data.data_ptr(), h.data.data_ptr() + h.data.numel()) for h in ws.host_buffers]
         for ptr in host_ptrs:
             assert any(lo <= ptr < hi for lo, hi in buffers)
         # Consecutive streamed blocks alternate between the two slots.
@@ -65,18 +65,18 @@ def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after
 def test_ring_is_fixed_and_each_step_copies_each_streamed_block_once(tiny_pair, inputs, monkeypatch):
     model, _ = tiny_pair()
     with torch.no_grad(), WeightStreamer(model, StreamingConfig(vram_budget=0), "cpu") as ws:
-        ring_ptrs = [s.buf.data_ptr() for s in ws._ring.slots]
+        ring_ptrs = [s.buf.data_ptr() for s in ws.ring.slots]
         assert len(ring_ptrs) == 2
-        assert all(s.buf.numel() == max(_block_bytes(model)) for s in ws._ring.slots)
+        assert all(s.buf.numel() == max(_block_bytes(model)) for s in ws.ring.slots)
         copies = []
-        orig = ws._issue_copy
-        monkeypatch.setattr(ws, "_issue_copy", lambda j, slot: (copies.append(j), orig(j, slot)))
+        orig = ws.scheduler._issue_copy
+        monkeypatch.setattr(ws.scheduler, "_issue_copy", lambda j, slot: (copies.append(j), orig(j, slot)))
         m = len(ws.plan.streamed_indices)
         for _ in range(3):
             model(*inputs())
         # Static order, one block ahead, wrapping into the next step: exactly m copies a step.
         assert copies == list(range(1, m)) + [0] + (list(range(1, m)) + [0]) * 2
-        assert [s.buf.data_ptr() for s in ws._ring.slots] == ring_ptrs
+        assert [s.buf.data_ptr() for s in ws.ring.slots] == ring_ptrs
 
 
 def test_out_of_order_and_skipped_blocks_stay_correct(tiny_pair, inputs):
@@ -98,7 +98,7 @@ def test_cancel_mid_forward_leaves_the_streamer_consistent(tiny_pair, inputs, ca
             model(*x)
         model.fail_at = None
         assert [p.data_ptr() for p in model.single_blocks.parameters()] == host_ptrs
-        assert not any(s.busy for s in ws._ring.slots)
+        assert not any(s.busy for s in ws.ring.slots)
         for _ in range(2):
             assert torch.equal(model(*x), ref(*x))
 
@@ -174,3 +174,20 @@ def test_models_without_declared_blocks_need_explicit_paths():
         assert torch.equal(enc(x), ref(x))
     with pytest.raises(StreamingError, match="no attribute path"):
         WeightStreamer(enc, device="cpu", blocks=("model.blocks",)).attach()
+
+
+def test_measured_block_times_drive_a_timed_plan_and_outputs_stay_exact(tiny_pair, inputs):
+    from weight_streaming import measure_block_seconds
+
+    model, ref = tiny_pair(sizes=[24, 40, 8, 32, 16, 56, 8, 24, 48, 16])
+    x = inputs(seed=5)
+    with torch.no_grad():
+        secs = measure_block_seconds(model, lambda: model(*x))
+        assert len(secs) == 10 and all(s > 0 for s in secs)
+        # A link slow enough that copies matter: the planner models the steps and may deepen the ring.
+        cfg = StreamingConfig(vram_budget=_budget_for(model, 3), block_seconds=secs, link_bandwidth=1e6)
+        with WeightStreamer(model, cfg, "cpu") as ws:
+            assert ws.plan.fits and ws.plan.streamed_indices
+            assert len(ws.ring.slots) == ws.plan.ring_slots >= 2
+            for _ in range(2):
+                assert torch.equal(model(*x), ref(*x))

@@ -16,6 +16,15 @@ from flux2_core.text_encoders import load_text_encoder
 from flux2_core.tiny.text_encoder import tiny_reference_model, write_tiny_text_encoder
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny matmuls gain nothing from threads; on the shared 2-core box two threads triple the time."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     root = os.environ.get("FLUX2LOCAL_ASSETS")
@@ -103,6 +112,27 @@ def full_encoder(tiny_file):
         return loaded[kind]
 
     return full
+
+
+@pytest.fixture(scope="session")
+def ref_states(reference, encoder):
+    """states(kind, prompts, make_model=None, tag="") -> reference stacked states, computed once per key.
+
+    Tokenized with the kind's HF-folder encoder (the tokenizer tests show every layout tokenizes alike).
+    """
+    memo: dict[tuple, torch.Tensor] = {}
+
+    def states(kind: str, prompts: tuple[str, ...], make_model=None, tag: str = ""):
+        key = (kind, prompts, tag)
+        if key not in memo:
+            enc = encoder(kind, "hf")
+            ids, mask = enc.tokenize(list(prompts))
+            model = make_model() if make_model is not None else reference(kind)
+            memo[key] = _reference_stack(model, ids, mask,
+                                         enc.spec.hidden_layers)
+        return memo[key]
+
+    return states
 
 
 @pytest.fixture(scope="session")

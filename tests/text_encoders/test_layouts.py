@@ -12,7 +12,7 @@ from torch.testing import assert_close
 from flux2_core import CheckpointError, load_text_encoder
 from flux2_core.tiny.text_encoder import _is_decoder_linear, quantize_fp8
 
-PROMPTS = ["a glass teapot on a wooden table", ""]
+PROMPTS = ("a glass teapot on a wooden table",)
 
 
 @pytest.mark.parametrize(("kind", "layout", "expected_name"), [
@@ -24,12 +24,11 @@ PROMPTS = ["a glass teapot on a wooden table", ""]
     ("qwen3-8b", "comfyui-bundled", "comfyui-bundled"),
     ("qwen3-8b", "hf", "decoder"),
 ])
-def test_layout_equals_reference(kind, layout, expected_name, encoder, reference, ref_stack):
+def test_layout_equals_reference(kind, layout, expected_name, encoder, ref_states):
     enc = encoder(kind, layout)
     assert enc.checkpoint_layout == expected_name
     assert enc.kind == ("mistral3" if kind == "mistral3" else "qwen3")
-    ids, mask = enc.tokenize(PROMPTS)
-    assert_close(enc.encode(PROMPTS), ref_stack(reference(kind), ids, mask, enc.spec.hidden_layers))
+    assert_close(enc.encode(list(PROMPTS)), ref_states(kind, PROMPTS))
 
 
 def _dequantized_reference(model):
@@ -46,16 +45,15 @@ def _dequantized_reference(model):
 
 
 @pytest.mark.parametrize("layout", ["comfyui-fp8", "comfyui-fp8-legacy"])
-def test_fp8_layouts_dequantize_per_layer(layout, encoder, reference, ref_stack):
+def test_fp8_layouts_dequantize_per_layer(layout, encoder, reference, ref_states):
     from flux2_core.text_encoders.fp8 import Fp8Linear
 
     enc = encoder("mistral3", layout)
     assert enc.quant == ("fp8" if layout == "comfyui-fp8" else "fp8-legacy")
     q = enc.model.layers[0].self_attn.q_proj
     assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
-    ids, mask = enc.tokenize(PROMPTS)
-    expected = ref_stack(_dequantized_reference(reference("mistral3")), ids, mask, (10, 20, 30))
-    assert_close(enc.encode(PROMPTS), expected)
+    expected = ref_states("mistral3", PROMPTS, lambda: _dequantized_reference(reference("mistral3")), tag="fp8")
+    assert_close(enc.encode(list(PROMPTS)), expected)
 
 
 def test_embedded_tekken_equals_tekken_file(encoder):
@@ -151,3 +149,39 @@ def test_nvfp4_text_encoder_is_refused(tmp_path, tiny_file):
     save_file(sd, str(tmp_path / "fp4.safetensors"))
     with pytest.raises(CheckpointError, match="4-bit"):
         load_text_encoder(tmp_path / "fp4.safetensors")
+
+
+def test_text_encoder_folder_given_directly(tiny_file, encoder):
+    """Pointing at <pipeline>/text_encoder (not the pipeline root) finds config and ../tokenizer too."""
+    enc = load_text_encoder(tiny_file("mistral3", "hf") / "text_encoder", dtype=torch.float32, cache=None)
+    assert enc.checkpoint_layout == "hf-mistral3" and enc.tokenizer.source.endswith("tekken.json")
+    assert_close(enc.encode("a cat"), encoder("mistral3", "hf").encode("a cat"))
+
+
+def test_other_language_models_are_refused(tmp_path, tiny_file):
+    """Llama-style files share Mistral's key names; the vocabulary tells them apart."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(tiny_file("mistral3", "comfyui")))
+    sd["model.embed_tokens.weight"] = torch.zeros(128256, 64, dtype=torch.bfloat16)  # Llama 3 vocabulary
+    save_file(sd, str(tmp_path / "llama3.safetensors"))
+    with pytest.raises(CheckpointError, match="128256-token vocabulary, not Mistral Small 3.x"):
+        load_text_encoder(tmp_path / "llama3.safetensors")
+
+
+def test_mixed_fp8_file_keeps_bf16_linears(tmp_path, tiny_file, encoder):
+    """fp8 "mixed" files: only the Linears stored as float8 become Fp8Linear; results are unchanged."""
+    from safetensors.torch import load_file
+
+    from flux2_core.text_encoders.fp8 import Fp8Linear
+
+    sd = load_file(str(tiny_file("mistral3", "comfyui-fp8")))
+    for key in [k for k in sd if ".self_attn." in k and k.endswith("_proj.weight")]:
+        base = key[: -len(".weight")]
+        sd[key] = sd[key].float() * sd.pop(base + ".weight_scale")  # float32: exact
+        sd.pop(base + ".comfy_quant")
+    save_file(sd, str(tmp_path / "mixed.safetensors"))
+    enc = load_text_encoder(tmp_path / "mixed.safetensors", dtype=torch.float32, cache=None)
+    layer = enc.model.layers[0]
+    assert type(layer.self_attn.q_proj) is torch.nn.Linear and isinstance(layer.mlp.gate_proj, Fp8Linear)
+    assert_close(enc.encode(list(PROMPTS)), encoder("mistral3", "comfyui-fp8").encode(list(PROMPTS)))

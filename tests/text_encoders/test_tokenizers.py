@@ -117,3 +117,23 @@ def test_missing_tokenizer_lists_where_it_looked(tmp_path):
 def test_bad_tokenizer_path(tmp_path):
     with pytest.raises(CheckpointError, match="not a usable tokenizer"):
         load_prompt_tokenizer("qwen3", tmp_path, tokenizer=tmp_path / "nope")
+
+
+def test_mistral_tokenizer_json_from_transformers_converter(tekken, tekken_path, tmp_path):
+    """An HF-style tokenizer/ folder (tokenizer.json as transformers converts tekken) gives the same ids,
+    and transformers' mistral-common chat template renders the same token sequence."""
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    hf = convert_tekken_tokenizer(str(tekken_path))
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    hf.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    (tmp_path / "text_encoder").mkdir()
+    from_json = load_prompt_tokenizer("mistral3", tmp_path / "text_encoder")  # finds ../tokenizer/
+    assert from_json.source.endswith("tokenizer.json")
+    for prompt in ["a cat on a mat", TEXTS[1], TEXTS[3]]:
+        assert from_json.prompt_ids(prompt) == tekken.prompt_ids(prompt)
+    messages = [{"role": "system", "content": MISTRAL3_SYSTEM_PROMPT}, {"role": "user", "content": "a cat on a mat"}]
+    rendered = hf.apply_chat_template(messages, tokenize=False)
+    assert rendered == f"<s>[SYSTEM_PROMPT]{MISTRAL3_SYSTEM_PROMPT}[/SYSTEM_PROMPT][INST]a cat on a mat[/INST]"
+    assert hf(rendered, add_special_tokens=False)["input_ids"] == tekken.prompt_ids("a cat on a mat")
