@@ -7,7 +7,8 @@
 # - torch 2.14.1 / torchvision 0.29.1 come from this machine's local wheel store and run on CPU.
 # - ComfyUI's own requirements are read from the pinned tree at $COMFYUI_PATH (torch lines dropped,
 #   so ComfyUI never replaces our torch).
-set -euo pipefail
+# Installing runs in a subshell with strict error handling; the caller's shell options are left alone,
+# so `source .ci/env.sh` is fine in an interactive shell too.
 
 FLUX2LOCAL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export FLUX2LOCAL_ROOT
@@ -27,6 +28,8 @@ EXTRA_FILE="$FLUX2LOCAL_ROOT/.ci/requirements-dev.txt"
 key=$( { echo "$TORCH_PINS"; cat "$COMFYUI_PATH/requirements.txt" "$EXTRA_FILE" "$FLUX2LOCAL_ROOT/requirements.txt"; } | sha256sum | cut -c1-12)
 VENV="${FLUX2LOCAL_VENV:-$HOME/.cache/flux2local/venv-$key}"
 
+_flux2local_setup() (
+set -euo pipefail
 if [ ! -f "$VENV/.complete" ]; then
   echo "[env] creating the Python environment at $VENV (first run only, about 2 minutes)" >&2
   rm -rf "$VENV"
@@ -44,8 +47,14 @@ fi
 if [ -f "$FLUX2LOCAL_ROOT/.ci/assets.sh" ]; then
   akey=$(sha256sum "$FLUX2LOCAL_ROOT/.ci/assets.sh" | cut -c1-12)
   if [ ! -f "$VENV/.assets-$akey" ]; then
-    bash "$FLUX2LOCAL_ROOT/.ci/assets.sh" "$VENV" && touch "$VENV/.assets-$akey"
+    bash "$FLUX2LOCAL_ROOT/.ci/assets.sh" "$VENV"
+    touch "$VENV/.assets-$akey"
   fi
+fi
+)
+if ! _flux2local_setup; then
+  echo "error: setting up the Python environment at $VENV failed (see the messages above)." >&2
+  return 1 2>/dev/null || exit 1
 fi
 export FLUX2LOCAL_ASSETS="$VENV/assets"
 

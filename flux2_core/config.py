@@ -194,8 +194,8 @@ def bfl_shapes(config: Flux2Config) -> dict[str, tuple[int, ...]]:
 
 def is_block_linear(key: str) -> bool:
     """True for the double/single-block Linear weights (the ones FP8/NVFP4 files quantize)."""
-    return key.startswith(("double_blocks.", "single_blocks.")) and key.endswith(".weight") and (
-        ".qkv." in key or ".proj." in key or "_mlp." in key or ".linear1." in key or ".linear2." in key
+    return (
+        key.startswith(("double_blocks.", "single_blocks."))
+        and key.endswith(".weight")
+        and (".qkv." in key or ".proj." in key or "_mlp." in key or ".linear1." in key or ".linear2." in key)
     )
-
-

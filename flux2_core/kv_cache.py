@@ -33,8 +33,9 @@ class Flux2KVCache:
         self.num_ref_tokens = 0
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in (self.double, self.single) for kv in d.values()
-                   for t in kv)
+        return sum(
+            t.numel() * t.element_size() for d in (self.double, self.single) for kv in d.values() for t in kv
+        )
 
 
 class RefExtractAttention:

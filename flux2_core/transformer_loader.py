@@ -71,7 +71,9 @@ def _keep_fp8(model: Flux2Transformer, plan: TransformerPlan) -> set[str]:
         parent, _, attr = name.rpartition(".")
         old = model.get_submodule(name)
         wdtype = torch.float8_e4m3fn
-        new = FP8Linear(old.in_features, old.out_features, has_input_scale, weight_dtype=wdtype, device="meta")
+        new = FP8Linear(
+            old.in_features, old.out_features, has_input_scale, weight_dtype=wdtype, device="meta"
+        )
         setattr(model.get_submodule(parent), attr, new)
     return set(layers)
 
@@ -115,14 +117,19 @@ def load_transformer(
     try:
         detected = config_from_bfl_shapes(plan.shapes, name_hint, is_distilled)
     except KeyError as e:
-        raise CheckpointError(reader.path, f"lacks the key {e} needed to recognise the model size.",
-                              "The file is incomplete; download it again.") from None
+        raise CheckpointError(
+            reader.path,
+            f"lacks the key {e} needed to recognise the model size.",
+            "The file is incomplete; download it again.",
+        ) from None
     except ValueError as e:
         raise CheckpointError(reader.path, f"has shapes no FLUX.2 model has ({e}).") from None
     if config is not None:
         arch = ("hidden_size", "depth", "depth_single", "context_dim", "guidance_embed")
         if any(getattr(config, a) != getattr(detected, a) for a in arch):
-            raise CheckpointError(reader.path, f"holds a {detected.variant} model, not the requested {config.variant}.")
+            raise CheckpointError(
+                reader.path, f"holds a {detected.variant} model, not the requested {config.variant}."
+            )
         detected = config
     with torch.device("meta"):
         model = Flux2Transformer(detected, dtype=dtype)
@@ -141,13 +148,22 @@ def load_transformer(
             parts.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
-        raise CheckpointError(reader.path, f"does not match a FLUX.2 {detected.variant} transformer: "
-                              + "; ".join(parts) + ".", "The file is incomplete or not a FLUX.2 transformer.")
-    bad = [f"{k} {plan.sources[k].shape} (expected {expected[k]})" for k in plan.sources
-           if k in expected and plan.sources[k].shape != expected[k] and k.rpartition(".")[0] not in fp8_layers]
+        raise CheckpointError(
+            reader.path,
+            f"does not match a FLUX.2 {detected.variant} transformer: " + "; ".join(parts) + ".",
+            "The file is incomplete or not a FLUX.2 transformer.",
+        )
+    bad = [
+        f"{k} {plan.sources[k].shape} (expected {expected[k]})"
+        for k in plan.sources
+        if k in expected and plan.sources[k].shape != expected[k] and k.rpartition(".")[0] not in fp8_layers
+    ]
     if bad:
-        raise CheckpointError(reader.path, f"has tensors of the wrong shape: {_fmt(bad)}.",
-                              "The file is damaged or mixes two models.")
+        raise CheckpointError(
+            reader.path,
+            f"has tensors of the wrong shape: {_fmt(bad)}.",
+            "The file is damaged or mixes two models.",
+        )
 
     state: dict[str, torch.Tensor] = {}
     for key in expected:
@@ -166,6 +182,11 @@ def load_transformer(
     model.load_state_dict(state, strict=True, assign=True)
     model.checkpoint_format = plan.checkpoint_format
     model.source_path = reader.path
-    logger.info("loaded FLUX.2 %s transformer (%s, %s) from %s", detected.variant, plan.checkpoint_format,
-                dtype, reader.path)
+    logger.info(
+        "loaded FLUX.2 %s transformer (%s, %s) from %s",
+        detected.variant,
+        plan.checkpoint_format,
+        dtype,
+        reader.path,
+    )
     return model.eval().requires_grad_(False)

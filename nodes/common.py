@@ -83,7 +83,7 @@ def resolve_model_path(folder: str, name: str) -> str:
 
 
 def tokenizer_choices(folder: str = "text_encoders") -> list[str]:
-    """"auto" plus folders under ``models/<folder>`` that hold a Hugging Face tokenizer."""
+    """ "auto" plus folders under ``models/<folder>`` that hold a Hugging Face tokenizer."""
     names = ["auto"]
     for root in folder_paths.get_folder_paths(folder):
         if not os.path.isdir(root):

@@ -75,22 +75,36 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
             ],
             outputs=[
                 Flux2Conditioning.Output(
-                    display_name="conditioning", tooltip="Prompt embeddings for FLUX.2 Sampler / Multi-Reference."
+                    display_name="conditioning",
+                    tooltip="Prompt embeddings for FLUX.2 Sampler / Multi-Reference.",
                 ),
-                io.String.Output(display_name="prompt", tooltip="The prompt that was encoded (rewritten if upsampled)."),
+                io.String.Output(
+                    display_name="prompt", tooltip="The prompt that was encoded (rewritten if upsampled)."
+                ),
             ],
         )
 
     @classmethod
     @user_errors
-    def execute(cls, text_encoder, prompt, negative_prompt, upsample_prompt, upsample_seed, upsample_max_tokens,
-                upsample_images=None):
+    def execute(
+        cls,
+        text_encoder,
+        prompt,
+        negative_prompt,
+        upsample_prompt,
+        upsample_seed,
+        upsample_max_tokens,
+        upsample_images=None,
+    ):
         device = memory.compute_device()
         with text_encoder.using(device):
             encoder = text_encoder.prepare(device)
             if upsample_prompt:
                 prompt = encoder.upsample(
-                    prompt, images=_images_to_pil(upsample_images), seed=upsample_seed, max_new_tokens=upsample_max_tokens
+                    prompt,
+                    images=_images_to_pil(upsample_images),
+                    seed=upsample_seed,
+                    max_new_tokens=upsample_max_tokens,
                 )
                 log.info("Flux2Local: upsampled prompt: %s", prompt)
             embeds = encoder.encode([prompt]).to(memory.offload_device())
@@ -132,7 +146,9 @@ class Flux2LocalMultiReference(io.ComfyNode):
             description="VAE-encodes 1 to 10 reference images and attaches them to the conditioning (editing, "
             "multi-reference generation).",
             inputs=[
-                Flux2Conditioning.Input("conditioning", tooltip="From FLUX.2 Encode Prompt (may already hold references)."),
+                Flux2Conditioning.Input(
+                    "conditioning", tooltip="From FLUX.2 Encode Prompt (may already hold references)."
+                ),
                 Flux2Vae.Input("vae", tooltip="From FLUX.2 VAE Loader."),
                 io.Float.Input(
                     "megapixels_per_reference",
@@ -147,7 +163,8 @@ class Flux2LocalMultiReference(io.ComfyNode):
             ],
             outputs=[
                 Flux2Conditioning.Output(
-                    display_name="conditioning", tooltip="The conditioning with the reference latents attached."
+                    display_name="conditioning",
+                    tooltip="The conditioning with the reference latents attached.",
                 ),
             ],
         )

@@ -52,15 +52,20 @@ class ModuleHolder(memory.GpuHolder):
     def gpu_bytes(self) -> int:
         return self.total_bytes if self.on_gpu else 0
 
-    def prepare(self, device: torch.device, activation_bytes: int = 0) -> nn.Module:
+    def prepare(
+        self, device: torch.device, activation_bytes: int = 0, block_flops: tuple[float, ...] | None = None
+    ) -> nn.Module:
         """Returns the module ready to run on ``device`` (moving or streaming weights as needed).
 
         Args:
             device: the compute device; on the CPU nothing moves.
             activation_bytes: the caller's estimate of the run's activation peak, kept free on top of
                 ComfyUI's inference reserve when the weight budget is "auto".
+            block_flops: FLOPs of each streamable block for this run (execution order). With them the
+                streamer plans from estimated compute times (which blocks to keep so copies hide behind
+                compute) instead of bytes alone; no resident run is needed to measure them.
         """
-        if device.type == "cpu" or (self.on_gpu and self.device == device):
+        if device.type == "cpu" or (self.on_gpu and memory.same_device(self.device, device)):
             return self.module
         self.offload()
         budget = self._budget(device, activation_bytes)
@@ -68,7 +73,7 @@ class ModuleHolder(memory.GpuHolder):
             memory.make_room(self.total_bytes, device)
             self.module.to(device)
         else:
-            self._attach_streamer(device, budget)
+            self._attach_streamer(device, budget, block_flops)
         self.device = device
         return self.module
 
@@ -80,12 +85,18 @@ class ModuleHolder(memory.GpuHolder):
         memory.make_room(self.total_bytes + activation_bytes, device)
         return max(0, memory.vram_budget(device) - activation_bytes)
 
-    def _attach_streamer(self, device: torch.device, budget: int) -> None:
+    def _attach_streamer(
+        self, device: torch.device, budget: int, block_flops: tuple[float, ...] | None
+    ) -> None:
         from ..weight_streaming import StreamingConfig, WeightStreamer
 
         memory.make_room(budget, device)
         pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
-        config = streaming_config(StreamingConfig, budget, pinned)
+        config = StreamingConfig(
+            vram_budget=int(budget),
+            pinned_cap=pinned,
+            block_flops=tuple(block_flops) if block_flops else None,
+        )
         log.info("Flux2Local: streaming %s with a %.2f GiB VRAM budget", self.label, budget / GIB)
         self.streamer = WeightStreamer(self.module, config, device)
         self.streamer.attach()
@@ -96,8 +107,3 @@ class ModuleHolder(memory.GpuHolder):
             self.streamer = None
         else:
             self.module.to(memory.offload_device())
-
-
-def streaming_config(config_cls, budget: int, pinned_cap: int | None):
-    """Builds a ``weight_streaming.StreamingConfig`` with our byte budget and pinned-RAM cap."""
-    return config_cls(vram_budget=int(budget), pinned_cap=pinned_cap)

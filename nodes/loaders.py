@@ -8,7 +8,6 @@ from pathlib import Path
 import comfy.text_encoders
 from comfy_api.latest import io
 
-from ..flux2_core.errors import CheckpointError
 from . import memory
 from .common import DTYPES, model_choices, resolve_model_path, tokenizer_choices, user_errors
 from .holders import GIB, ModuleHolder, StreamingSettings, module_bytes
@@ -77,8 +76,12 @@ class Flux2LocalModelLoader(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Flux2Model.Output(display_name="model", tooltip="The loaded FLUX.2 transformer, for FLUX.2 Sampler."),
-                io.String.Output(display_name="info", tooltip="What was detected: variant, checkpoint format, size."),
+                Flux2Model.Output(
+                    display_name="model", tooltip="The loaded FLUX.2 transformer, for FLUX.2 Sampler."
+                ),
+                io.String.Output(
+                    display_name="info", tooltip="What was detected: variant, checkpoint format, size."
+                ),
             ],
         )
 
@@ -89,7 +92,9 @@ class Flux2LocalModelLoader(io.ComfyNode):
 
         path = resolve_model_path("diffusion_models", model_name)
         model = load_transformer(path, dtype=DTYPES[dtype], device=memory.offload_device(), keep_fp8=keep_fp8)
-        holder = ModuleHolder(model, f"FLUX.2 {model.config.variant}", StreamingSettings(vram_budget_gb, pinned_ram_gb))
+        holder = ModuleHolder(
+            model, f"FLUX.2 {model.config.variant}", StreamingSettings(vram_budget_gb, pinned_ram_gb)
+        )
         info = _describe_model(model, path)
         log.info("Flux2Local: %s", info)
         return io.NodeOutput(holder, info)
@@ -138,15 +143,10 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
         path = resolve_model_path("text_encoders", text_encoder_name)
         tok = None if tokenizer == "auto" else resolve_model_path("text_encoders", tokenizer)
         kwargs = {"dtype": DTYPES[dtype], "device": memory.offload_device()}
-        try:
-            encoder = load_text_encoder(path, tokenizer=tok, **kwargs)
-        except CheckpointError as e:
-            # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it
-            # ships. Fall back to those only when "auto" found nothing next to the weights.
-            if tok is not None or "tokenizer" not in e.problem or not COMFY_QWEN_TOKENIZER.is_dir():
-                raise
-            log.info("Flux2Local: no tokenizer next to %s; using ComfyUI's bundled Qwen tokenizer", path)
-            encoder = load_text_encoder(path, tokenizer=str(COMFY_QWEN_TOKENIZER), **kwargs)
+        # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it ships,
+        # so they are the last place looked when "auto" finds nothing next to the weights.
+        fallback = [str(COMFY_QWEN_TOKENIZER)] if COMFY_QWEN_TOKENIZER.is_dir() else []
+        encoder = load_text_encoder(path, tokenizer=tok, fallback_tokenizers=fallback, **kwargs)
         streaming = StreamingSettings() if getattr(encoder, "streamable_blocks", None) else None
         return io.NodeOutput(ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming))
 
@@ -165,9 +165,15 @@ class Flux2LocalVAELoader(io.ComfyNode):
                     options=model_choices("vae"),
                     tooltip="FLUX.2 VAE file in models/vae (32 latent channels, batch-norm statistics).",
                 ),
-                io.Combo.Input("dtype", options=list(DTYPES), default="bf16", tooltip="Compute dtype of the VAE."),
+                io.Combo.Input(
+                    "dtype", options=list(DTYPES), default="bf16", tooltip="Compute dtype of the VAE."
+                ),
             ],
-            outputs=[Flux2Vae.Output(display_name="vae", tooltip="The FLUX.2 VAE, for decode, encode and references.")],
+            outputs=[
+                Flux2Vae.Output(
+                    display_name="vae", tooltip="The FLUX.2 VAE, for decode, encode and references."
+                )
+            ],
         )
 
     @classmethod

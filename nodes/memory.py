@@ -117,11 +117,22 @@ def vram_budget(device: torch.device) -> int:
     return max(0, int(mm.get_free_memory(device)) - int(mm.minimum_inference_memory()))
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same card when 0 is current (``torch.device`` equality says no)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index == b.index or a.type == "cpu":
+        return True
+    current = torch.cuda.current_device() if a.type == "cuda" and torch.cuda.is_available() else 0
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def release_idle(device: torch.device | None = None) -> int:
     """Offloads every idle holder (on ``device`` if given); returns how many were offloaded."""
     n = 0
     for holder in list(_HOLDERS):
-        if holder.on_gpu and not holder.in_use and (device is None or holder.device == device):
+        if holder.on_gpu and not holder.in_use and (device is None or same_device(holder.device, device)):
             holder.offload()
             n += 1
     return n

@@ -90,35 +90,60 @@ class Flux2LocalSampler(io.ComfyNode):
             inputs=[
                 Flux2Model.Input("model", tooltip="From FLUX.2 Model Loader."),
                 Flux2Conditioning.Input(
-                    "conditioning", tooltip="From FLUX.2 Encode Prompt, or FLUX.2 Multi-Reference for editing."
+                    "conditioning",
+                    tooltip="From FLUX.2 Encode Prompt, or FLUX.2 Multi-Reference for editing.",
                 ),
                 io.Int.Input(
-                    "width", default=1024, min=64, max=8192, step=16,
+                    "width",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=16,
                     tooltip="Image width in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
-                    "height", default=1024, min=64, max=8192, step=16,
+                    "height",
+                    default=1024,
+                    min=64,
+                    max=8192,
+                    step=16,
                     tooltip="Image height in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
-                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
                     tooltip="Noise seed (ComfyUI's convention, so the same seed gives the same noise as native sampling).",
                 ),
                 io.Int.Input(
-                    "steps", default=0, min=0, max=200,
+                    "steps",
+                    default=0,
+                    min=0,
+                    max=200,
                     tooltip="Sampling steps; 0 = the variant's default ([dev] 50, distilled [klein] 4, base [klein] 50).",
                 ),
                 io.Float.Input(
-                    "guidance", default=0.0, min=0.0, max=30.0, step=0.1,
+                    "guidance",
+                    default=0.0,
+                    min=0.0,
+                    max=30.0,
+                    step=0.1,
                     tooltip="0 = the variant's default. [dev]: embedded guidance (4). Base [klein]: CFG scale (4; "
                     "above 1 uses the negative prompt). Distilled [klein]: fixed at 1.",
                 ),
                 io.Float.Input(
-                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01,
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
                     tooltip="For image-to-image with a connected latent: how much to change it (1 = start from pure noise).",
                 ),
                 io.Latent.Input(
-                    "latent", optional=True,
+                    "latent",
+                    optional=True,
                     tooltip="Optional FLUX.2 LATENT (e.g. from FLUX.2 VAE Encode) to start from: image-to-image. "
                     "Its size overrides width and height.",
                 ),
@@ -134,7 +159,7 @@ class Flux2LocalSampler(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, model, conditioning, width, height, seed, steps, guidance, denoise, latent=None):
-        from ..flux2_core import InputError, sample_latents, validate_size
+        from ..flux2_core import InputError, block_flops, sample_latents, tokens_for, validate_size
 
         cfg = model.module.config
         init = None
@@ -171,11 +196,25 @@ class Flux2LocalSampler(io.ComfyNode):
                 preview = previewer.decode_latent_to_preview_image("JPEG", info.denoised.float())
             pbar.update_absolute(info.step, info.total, preview)  # info.step is 1-based
 
-        log.info("Flux2Local: sampling %d steps at %dx%d (guidance %.2f, seed %d)", steps, width, height, guidance, seed)
+        log.info(
+            "Flux2Local: sampling %d steps at %dx%d (guidance %.2f, seed %d)",
+            steps,
+            width,
+            height,
+            guidance,
+            seed,
+        )
         with model.using(device):
             n_ref = sum(r.shape[-2] * r.shape[-1] for r in conditioning.reference_latents)
-            transformer = model.prepare(device, activation_estimate(cfg, width, height, n_ref))
             batch = 1 if init is None else init.shape[0]
+            # Per-block work of one step: true CFG (base models) runs a second pass per step.
+            passes = batch * (2 if not cfg.guidance_embed and not cfg.distilled and guidance > 1 else 1)
+            flops = block_flops(cfg, tokens_for(width, height, reference_tokens=n_ref)).per_block
+            transformer = model.prepare(
+                device,
+                activation_estimate(cfg, width, height, n_ref),
+                block_flops=tuple(f * passes for f in flops),
+            )
 
             def dev(t):  # embeddings (1, L, ctx) -> (batch, L, ctx) on the compute device
                 return None if t is None else t.to(device).expand(batch, -1, -1)

@@ -50,7 +50,9 @@ class Flux2LocalVAEDecode(io.ComfyNode):
             description="Decodes FLUX.2 latents to an IMAGE; tiles by itself when memory is short.",
             inputs=[
                 Flux2Vae.Input("vae", tooltip="From FLUX.2 VAE Loader."),
-                io.Latent.Input("samples", tooltip="FLUX.2 LATENT (B, 128, H/16, W/16), e.g. from FLUX.2 Sampler."),
+                io.Latent.Input(
+                    "samples", tooltip="FLUX.2 LATENT (B, 128, H/16, W/16), e.g. from FLUX.2 Sampler."
+                ),
                 io.Combo.Input(
                     "tiling",
                     options=TILE_CHOICES,
@@ -59,7 +61,11 @@ class Flux2LocalVAEDecode(io.ComfyNode):
                     "= always tile with tiles of that many pixels.",
                 ),
             ],
-            outputs=[io.Image.Output(display_name="IMAGE", tooltip="Decoded image, ComfyUI IMAGE (B, H, W, 3) in 0..1.")],
+            outputs=[
+                io.Image.Output(
+                    display_name="IMAGE", tooltip="Decoded image, ComfyUI IMAGE (B, H, W, 3) in 0..1."
+                )
+            ],
         )
 
     @classmethod
@@ -95,16 +101,20 @@ class Flux2LocalVAEEncode(io.ComfyNode):
             inputs=[
                 Flux2Vae.Input("vae", tooltip="From FLUX.2 VAE Loader."),
                 io.Image.Input(
-                    "pixels", tooltip="Image to encode; it is cropped to a multiple of 16 pixels (FLUX.2's latent grid)."
+                    "pixels",
+                    tooltip="Image to encode; it is cropped to a multiple of 16 pixels (FLUX.2's latent grid).",
                 ),
                 io.Combo.Input(
-                    "tiling", options=TILE_CHOICES, default="auto",
+                    "tiling",
+                    options=TILE_CHOICES,
+                    default="auto",
                     tooltip="auto = tile only when memory is short; off = never; a number = tile size in pixels.",
                 ),
             ],
             outputs=[
                 io.Latent.Output(
-                    display_name="LATENT", tooltip="FLUX.2 LATENT {'samples': (B, 128, H/16, W/16)}, e.g. for FLUX.2 Sampler."
+                    display_name="LATENT",
+                    tooltip="FLUX.2 LATENT {'samples': (B, 128, H/16, W/16)}, e.g. for FLUX.2 Sampler.",
                 )
             ],
         )
@@ -116,7 +126,9 @@ class Flux2LocalVAEEncode(io.ComfyNode):
 
         h, w = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
         if h < 16 or w < 16:
-            raise InputError(f"FLUX.2 VAE Encode: the image is {pixels.shape[2]}x{pixels.shape[1]}; it needs at least 16x16 pixels.")
+            raise InputError(
+                f"FLUX.2 VAE Encode: the image is {pixels.shape[2]}x{pixels.shape[1]}; it needs at least 16x16 pixels."
+            )
         device = memory.compute_device()
         with vae.using(device):
             model = vae.prepare(device)

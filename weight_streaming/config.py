@@ -70,7 +70,7 @@ class StreamingConfig:
     def __post_init__(self) -> None:
         if self.vram_budget != "auto" and (not isinstance(self.vram_budget, int) or self.vram_budget < 0):
             raise StreamingError(
-                f"vram_budget={self.vram_budget!r} is not valid: give a byte count >= 0 or \"auto\"."
+                f'vram_budget={self.vram_budget!r} is not valid: give a byte count >= 0 or "auto".'
             )
         if self.prefetch_depth < 1:
             raise StreamingError(f"prefetch_depth={self.prefetch_depth} is not valid: it must be at least 1.")
@@ -118,7 +118,10 @@ class StreamingConfig:
         budget = max(0, free - self.activation_bytes - self.reserve_bytes)
         logger.info(
             "auto VRAM budget: %.2f GiB free - %.2f GiB activations - %.2f GiB reserve = %.2f GiB",
-            free / GiB, self.activation_bytes / GiB, self.reserve_bytes / GiB, budget / GiB,
+            free / GiB,
+            self.activation_bytes / GiB,
+            self.reserve_bytes / GiB,
+            budget / GiB,
         )
         return budget
 

@@ -21,9 +21,10 @@ _PROBE_CACHE: dict[tuple[str, torch.dtype], float] = {}
 
 # Fraction of the dense-matmul rate a whole transformer block reaches: its layer norms, modulation,
 # RoPE and gating are memory-bound and attention runs below the matmul rate. Calibrated on FLUX.2
-# [dev] at 1024^2 on an H100: 2.8e14 block FLOPs ran in 0.539 s against a 4096^3 bf16 matmul probe of
-# about 790 TFLOP/s (0.66). Only the ratio between compute and copy time matters to the planner, so a
-# rough figure is enough; pass `block_seconds` when measured times exist.
+# [dev] at 1024^2 on an H100: 2.8e14 block FLOPs ran in 0.515-0.539 s against a 4096^3 bf16 matmul
+# probe of about 790 TFLOP/s (0.66-0.69). Narrow models reach much less (a quarter-width [dev] at 512^2:
+# about 0.2), where this overstates their speed. Only the ratio between compute and copy time matters
+# to the planner, so a rough figure is enough; pass `block_seconds` when measured times exist.
 DEFAULT_FLOPS_EFFICIENCY = 0.65
 
 
@@ -45,6 +46,8 @@ def measure_matmul_flops(
         FLOP/s (2 n^3 per matmul).
     """
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # "cuda" and "cuda:0" share a probe
     key = (str(device), dtype)
     if key in _PROBE_CACHE:
         return _PROBE_CACHE[key]

@@ -67,9 +67,7 @@ class BlockLayout:
 
     def views(self, buf: torch.Tensor) -> list[torch.Tensor]:
         """Typed views of each parameter inside a uint8 buffer laid out like this block."""
-        return [
-            buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.params
-        ]
+        return [buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.params]
 
 
 def _register(t: torch.Tensor) -> None:
@@ -154,7 +152,8 @@ class HostAllocator:
                 if first:  # after one failure stop trying: the OS refused page-locked memory
                     logger.warning(
                         "could not pin host memory (%s): streamed blocks fall back to pageable RAM and "
-                        "copy several times slower. Free RAM or lower pinned_cap.", exc,
+                        "copy several times slower. Free RAM or lower pinned_cap.",
+                        exc,
                     )
             else:
                 return HostBuffer(data, True)
@@ -178,9 +177,7 @@ def set_param_data(p: nn.Parameter, data: torch.Tensor) -> None:
         p.data = data
 
 
-def fill_block(
-    layout: BlockLayout, buf: HostBuffer, source: WeightSource | None
-) -> list[torch.Tensor]:
+def fill_block(layout: BlockLayout, buf: HostBuffer, source: WeightSource | None) -> list[torch.Tensor]:
     """Copy a block's weights into its host buffer and point its parameters at the views.
 
     With no source, each parameter's current (CPU) data is copied in and then dropped, so a block's

@@ -193,7 +193,10 @@ def plan_residency(
         logger.warning(
             "VRAM budget %.2f GiB is below what streaming every block needs (%.2f GiB: %.2f GiB fixed "
             "+ %d ring buffers of %.2f GiB); going on, expect an out-of-memory error.",
-            budget / 2**30, best.device_bytes / 2**30, fixed_bytes / 2**30, ring_slots,
+            budget / 2**30,
+            best.device_bytes / 2**30,
+            fixed_bytes / 2**30,
+            ring_slots,
             best.ring_slot_bytes / 2**30,
         )
     return best

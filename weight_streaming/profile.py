@@ -41,6 +41,7 @@ def measure_block_seconds(
     marks: list[list] = [[] for _ in named]
     hooks = []
     for i, (_name, block) in enumerate(named):
+
         def pre(_m, _a, i=i):
             if cuda:
                 e = torch.cuda.Event(enable_timing=True)

@@ -158,8 +158,10 @@ class Scheduler:
     def enter(self, j: int) -> Slot:
         if not self._warned_grad and torch.is_grad_enabled():
             self._warned_grad = True
-            logger.warning("streamed forward with autograd on: run under torch.no_grad(); gradients through "
-                           "streamed weights would be wrong.")
+            logger.warning(
+                "streamed forward with autograd on: run under torch.no_grad(); gradients through "
+                "streamed weights would be wrong."
+            )
         ops = self.ops
         slot = self._take(j)
         slot.busy = True

@@ -20,9 +20,9 @@ from torch import nn
 from .blocks import find_blocks
 from .config import StreamingConfig
 from .errors import StreamingError
+from .estimate import estimate_block_seconds, measure_matmul_flops
 from .host import BlockLayout, HostAllocator, HostBuffer, WeightSource, fill_block, set_param_data
 from .planner import Plan, Timing, plan_residency
-from .estimate import estimate_block_seconds, measure_matmul_flops
 from .profile import measure_link_bandwidth
 from .ring import DeviceOps, Ring
 from .scheduler import Scheduler
@@ -147,7 +147,10 @@ class WeightStreamer:
                 new_budget = int(min(budget, plan.device_bytes) * cfg.oom_shrink)
                 logger.warning(
                     "out of device memory while placing %.2f GiB of weights; retrying with a budget of "
-                    "%.2f GiB (was %.2f GiB).", plan.device_bytes / 2**30, new_budget / 2**30, budget / 2**30,
+                    "%.2f GiB (was %.2f GiB).",
+                    plan.device_bytes / 2**30,
+                    new_budget / 2**30,
+                    budget / 2**30,
                 )
                 budget = new_budget
                 self._oom_retries += 1
@@ -165,7 +168,12 @@ class WeightStreamer:
             raise
         if self._ring is not None:
             self.scheduler = Scheduler(
-                self._ops, self._ring, self._log, [self._layouts[i] for i in self._streamed], self._host, host_views
+                self._ops,
+                self._ring,
+                self._log,
+                [self._layouts[i] for i in self._streamed],
+                self._host,
+                host_views,
             )
             self.scheduler.wrap_all()
         self._hooks.append(self.model.register_forward_pre_hook(self._on_step))
@@ -176,8 +184,13 @@ class WeightStreamer:
         logger.info(
             "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB), %d streamed (%.2f GiB, "
             "%.2f GiB pinned), ring %d x %.2f GiB",
-            self._attach_s, len(plan.resident_indices), plan.resident_bytes / 2**30, len(self._streamed),
-            plan.streamed_bytes / 2**30, self._alloc.pinned_bytes / 2**30, plan.ring_slots,
+            self._attach_s,
+            len(plan.resident_indices),
+            plan.resident_bytes / 2**30,
+            len(self._streamed),
+            plan.streamed_bytes / 2**30,
+            self._alloc.pinned_bytes / 2**30,
+            plan.ring_slots,
             plan.ring_slot_bytes / 2**30,
         )
         return plan
@@ -288,7 +301,8 @@ class WeightStreamer:
         retries = self._oom_retries + 1
         logger.warning(
             "out of device memory in a forward pass; lowering the weight budget from %.2f GiB to %.2f GiB",
-            plan.device_bytes / 2**30, budget / 2**30,
+            plan.device_bytes / 2**30,
+            budget / 2**30,
         )
         self.detach()
         self.config = dataclasses.replace(self.config, vram_budget=budget)
@@ -342,7 +356,11 @@ class WeightStreamer:
         if not self.attached:
             return t
         plan = self.plan
-        t.fixed_bytes, t.resident_bytes, t.streamed_bytes = plan.fixed_bytes, plan.resident_bytes, plan.streamed_bytes
+        t.fixed_bytes, t.resident_bytes, t.streamed_bytes = (
+            plan.fixed_bytes,
+            plan.resident_bytes,
+            plan.streamed_bytes,
+        )
         t.ring_bytes = self._ring.nbytes if self._ring else 0
         t.pinned_bytes, t.pageable_bytes = self._alloc.pinned_bytes, self._alloc.pageable_bytes
         t.resident_blocks, t.streamed_blocks = len(plan.resident_indices), len(self._streamed)

@@ -69,7 +69,13 @@ OUTPUTS = {
 WIDGETS = {
     "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
     "Flux2LocalTextEncoderLoader": ["text_encoder_name", "tokenizer", "dtype"],
-    "Flux2LocalEncodePrompt": ["prompt", "negative_prompt", "upsample_prompt", "upsample_seed", "upsample_max_tokens"],
+    "Flux2LocalEncodePrompt": [
+        "prompt",
+        "negative_prompt",
+        "upsample_prompt",
+        "upsample_seed",
+        "upsample_max_tokens",
+    ],
     "Flux2LocalMultiReference": ["megapixels_per_reference"],
     "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
     "Flux2LocalVAELoader": ["vae_name", "dtype"],
@@ -84,15 +90,31 @@ LINK_INPUTS = {
     "Flux2LocalEncodePrompt": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER"), ("upsample_images", "IMAGE")],
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("vae", "FLUX2LOCAL_VAE")]
     + [(f"images.image_{i}", "IMAGE") for i in range(1, 11)],
-    "Flux2LocalSampler": [("model", "FLUX2LOCAL_MODEL"), ("conditioning", "FLUX2LOCAL_CONDITIONING"), ("latent", "LATENT")],
+    "Flux2LocalSampler": [
+        ("model", "FLUX2LOCAL_MODEL"),
+        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("latent", "LATENT"),
+    ],
     "Flux2LocalVAEDecode": [("vae", "FLUX2LOCAL_VAE"), ("samples", "LATENT")],
     "Flux2LocalVAEEncode": [("vae", "FLUX2LOCAL_VAE"), ("pixels", "IMAGE")],
     "SaveImage": [("images", "IMAGE")],
 }
 
 
-def pipeline(model: str, te: str, prompt: str, *, negative: str = "", width=1024, height=1024, steps=0,
-             guidance=0.0, vram_gb=0.0, refs: tuple[str, ...] = (), prefix="flux2") -> list[Node]:
+def pipeline(
+    model: str,
+    te: str,
+    prompt: str,
+    *,
+    negative: str = "",
+    width=1024,
+    height=1024,
+    steps=0,
+    guidance=0.0,
+    vram_gb=0.0,
+    refs: tuple[str, ...] = (),
+    prefix="flux2",
+) -> list[Node]:
     """The common graph: loaders -> encode -> [references] -> sampler -> decode -> save."""
     nodes = [
         Node(1, "Flux2LocalModelLoader", [model, "bf16", True, vram_gb, 0.0]),
@@ -109,7 +131,12 @@ def pipeline(model: str, te: str, prompt: str, *, negative: str = "", width=1024
         nodes.append(Node(5, "Flux2LocalMultiReference", [1.0], links))
         cond = (5, 0)
     nodes += [
-        Node(6, "Flux2LocalSampler", [width, height, 42, steps, guidance, 1.0], {"model": (1, 0), "conditioning": cond}),
+        Node(
+            6,
+            "Flux2LocalSampler",
+            [width, height, 42, steps, guidance, 1.0],
+            {"model": (1, 0), "conditioning": cond},
+        ),
         Node(7, "Flux2LocalVAEDecode", ["auto"], {"vae": (3, 0), "samples": (6, 0)}),
         Node(8, "SaveImage", [prefix], {"images": (7, 0)}),
     ]
@@ -118,38 +145,82 @@ def pipeline(model: str, te: str, prompt: str, *, negative: str = "", width=1024
 
 WORKFLOWS: dict[str, tuple[str, list[Node]]] = {
     "flux2_dev_text_to_image": (
-        NOTE_FILES["dev"] + "\n\n[dev] text-to-image: 28 steps (BFL's suggested trade-off; 50 is the default), "
+        NOTE_FILES["dev"]
+        + "\n\n[dev] text-to-image: 28 steps (BFL's suggested trade-off; 50 is the default), "
         "embedded guidance 4. Needs about 24 GB of VRAM with FP8 weights; streaming fills the rest from RAM.",
-        pipeline(DEV_MODEL, DEV_TE, "A red fox sitting in fresh snow at sunrise, detailed fur, 85mm photo",
-                 steps=28, guidance=4.0, prefix="flux2_dev"),
+        pipeline(
+            DEV_MODEL,
+            DEV_TE,
+            "A red fox sitting in fresh snow at sunrise, detailed fur, 85mm photo",
+            steps=28,
+            guidance=4.0,
+            prefix="flux2_dev",
+        ),
     ),
     "flux2_klein_4b_text_to_image": (
-        NOTE_FILES["klein"] + "\n\n[klein] 4B distilled: 4 steps, guidance fixed at 1 (no CFG). Fits 12 GB cards.",
-        pipeline(KLEIN_MODEL, KLEIN_TE, "A lighthouse on a cliff in a storm, oil painting", steps=4, guidance=1.0,
-                 prefix="flux2_klein_4b"),
+        NOTE_FILES["klein"]
+        + "\n\n[klein] 4B distilled: 4 steps, guidance fixed at 1 (no CFG). Fits 12 GB cards.",
+        pipeline(
+            KLEIN_MODEL,
+            KLEIN_TE,
+            "A lighthouse on a cliff in a storm, oil painting",
+            steps=4,
+            guidance=1.0,
+            prefix="flux2_klein_4b",
+        ),
     ),
     "flux2_klein_base_cfg": (
-        NOTE_FILES["klein-base"] + "\n\n[klein] base 4B (undistilled): 50 steps with CFG 4 and a negative prompt.",
-        pipeline(KLEIN_BASE_MODEL, KLEIN_TE, "A ceramic teapot shaped like a snail, studio photo",
-                 negative="blurry, low quality", steps=50, guidance=4.0, prefix="flux2_klein_base"),
+        NOTE_FILES["klein-base"]
+        + "\n\n[klein] base 4B (undistilled): 50 steps with CFG 4 and a negative prompt.",
+        pipeline(
+            KLEIN_BASE_MODEL,
+            KLEIN_TE,
+            "A ceramic teapot shaped like a snail, studio photo",
+            negative="blurry, low quality",
+            steps=50,
+            guidance=4.0,
+            prefix="flux2_klein_base",
+        ),
     ),
     "flux2_edit_single_image": (
         NOTE_FILES["klein"] + "\n\nSingle-image edit: put your picture in ComfyUI/input/ and pick it in "
         "Load Image. The reference is scaled to 1 MP and attached to the conditioning.",
-        pipeline(KLEIN_MODEL, KLEIN_TE, "Make it a winter scene with snow on every surface", steps=4, guidance=1.0,
-                 refs=REFERENCE_IMAGES[:1], prefix="flux2_edit"),
+        pipeline(
+            KLEIN_MODEL,
+            KLEIN_TE,
+            "Make it a winter scene with snow on every surface",
+            steps=4,
+            guidance=1.0,
+            refs=REFERENCE_IMAGES[:1],
+            prefix="flux2_edit",
+        ),
     ),
     "flux2_multi_reference": (
         NOTE_FILES["klein"] + "\n\nMulti-reference with 3 images (up to 10: the next image input appears "
         "when the previous one is connected).",
-        pipeline(KLEIN_MODEL, KLEIN_TE, "The person from image 1 wearing the jacket from image 2 in the room "
-                 "from image 3", steps=4, guidance=1.0, refs=REFERENCE_IMAGES, prefix="flux2_multi_ref"),
+        pipeline(
+            KLEIN_MODEL,
+            KLEIN_TE,
+            "The person from image 1 wearing the jacket from image 2 in the room from image 3",
+            steps=4,
+            guidance=1.0,
+            refs=REFERENCE_IMAGES,
+            prefix="flux2_multi_ref",
+        ),
     ),
     "flux2_dev_12gb_streaming": (
-        NOTE_FILES["dev"] + "\n\n[dev] on a 12 GB card: FP8 weights kept in FP8, 8 GB of them resident on the "
+        NOTE_FILES["dev"]
+        + "\n\n[dev] on a 12 GB card: FP8 weights kept in FP8, 8 GB of them resident on the "
         "GPU, the other blocks streamed from pinned RAM (about 40 GB of system RAM needed).",
-        pipeline(DEV_MODEL, DEV_TE, "A watercolor map of an imaginary island with mountains and rivers",
-                 steps=28, guidance=4.0, vram_gb=8.0, prefix="flux2_dev_12gb"),
+        pipeline(
+            DEV_MODEL,
+            DEV_TE,
+            "A watercolor map of an imaginary island with mountains and rivers",
+            steps=28,
+            guidance=4.0,
+            vram_gb=8.0,
+            prefix="flux2_dev_12gb",
+        ),
     ),
 }
 
@@ -183,32 +254,45 @@ def to_ui(nodes: list[Node], note: str, name: str) -> dict:
             widgets.append(value)
             if (n.type, name) in SEED_WIDGETS:
                 widgets.append("fixed")
-        ui_nodes.append({
-            "id": n.id,
-            "type": n.type,
-            "pos": [40 + 360 * (order % 4), 40 + 300 * (order // 4)],
-            "size": [320, 200],
-            "flags": {},
-            "order": order,
-            "mode": 0,
-            "inputs": [
-                {"name": name, "type": t, "link": in_links.get((n.id, name))}
-                | ({"label": name.split(".")[-1]} if "." in name else {})
-                for name, t in _ui_inputs(n)
-            ],
-            "outputs": [
-                {"name": name, "type": t, "links": out_links.get((n.id, slot), []), "slot_index": slot}
-                for slot, (name, t) in enumerate(OUTPUTS[n.type])
-            ],
-            "properties": {"Node name for S&R": n.type},
-            "widgets_values": widgets,
-        })
+        ui_nodes.append(
+            {
+                "id": n.id,
+                "type": n.type,
+                "pos": [40 + 360 * (order % 4), 40 + 300 * (order // 4)],
+                "size": [320, 200],
+                "flags": {},
+                "order": order,
+                "mode": 0,
+                "inputs": [
+                    {"name": name, "type": t, "link": in_links.get((n.id, name))}
+                    | ({"label": name.split(".")[-1]} if "." in name else {})
+                    for name, t in _ui_inputs(n)
+                ],
+                "outputs": [
+                    {"name": name, "type": t, "links": out_links.get((n.id, slot), []), "slot_index": slot}
+                    for slot, (name, t) in enumerate(OUTPUTS[n.type])
+                ],
+                "properties": {"Node name for S&R": n.type},
+                "widgets_values": widgets,
+            }
+        )
     note_id = max(n.id for n in nodes) + 1
-    ui_nodes.append({
-        "id": note_id, "type": "Note", "pos": [40, 40 + 300 * ((len(nodes) + 3) // 4)], "size": [700, 180],
-        "flags": {}, "order": len(nodes), "mode": 0, "inputs": [], "outputs": [],
-        "properties": {"text": ""}, "widgets_values": [note], "title": "Model files",
-    })
+    ui_nodes.append(
+        {
+            "id": note_id,
+            "type": "Note",
+            "pos": [40, 40 + 300 * ((len(nodes) + 3) // 4)],
+            "size": [700, 180],
+            "flags": {},
+            "order": len(nodes),
+            "mode": 0,
+            "inputs": [],
+            "outputs": [],
+            "properties": {"text": ""},
+            "widgets_values": [note],
+            "title": "Model files",
+        }
+    )
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"flux2local/workflows/{name}")),
         "revision": 0,

@@ -94,9 +94,21 @@ class ComfyServer:
         self.port = self.port or free_port()
         self.log_path = self.base / "comfyui.log"
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base), "--database-url", f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
-            "--disable-api-nodes", "--disable-auto-launch", "--preview-method", "latent2rgb",
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            f"sqlite:///{self.base / 'user' / 'comfyui.db'}",
+            "--disable-api-nodes",
+            "--disable-auto-launch",
+            "--preview-method",
+            "latent2rgb",
             *self.extra_args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
@@ -105,7 +117,9 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}"
+                )
             try:
                 self.get_json("/system_stats", timeout=2)
                 return self
@@ -183,7 +197,11 @@ class ComfyServer:
 
     def view(self, image: dict) -> bytes:
         query = urllib.parse.urlencode(
-            {"filename": image["filename"], "subfolder": image.get("subfolder", ""), "type": image.get("type", "output")}
+            {
+                "filename": image["filename"],
+                "subfolder": image.get("subfolder", ""),
+                "type": image.get("type", "output"),
+            }
         )
         return self._request(f"/view?{query}")
 

@@ -50,14 +50,18 @@ def needed_models(prompt: dict) -> list[tuple[tuple[str, ...], str]]:
 
 
 def has_models(models_dir: Path, prompt: dict) -> bool:
-    return all(any((models_dir / f / name).exists() for f in folders) for folders, name in needed_models(prompt))
+    return all(
+        any((models_dir / f / name).exists() for f in folders) for folders, name in needed_models(prompt)
+    )
 
 
 def tiny_models_dir() -> Path:
     """The cached tiny random set, written on first use."""
     from flux2_core.tiny import is_tiny_model_set, write_tiny_model_set
 
-    cache = Path(os.environ.get("FLUX2LOCAL_TINY_MODELS") or Path.home() / ".cache" / "flux2local" / "tiny-models")
+    cache = Path(
+        os.environ.get("FLUX2LOCAL_TINY_MODELS") or Path.home() / ".cache" / "flux2local" / "tiny-models"
+    )
     if not is_tiny_model_set(cache):
         say(f"writing a tiny random FLUX.2 model set to {cache} (first run only)")
         write_tiny_model_set(cache)
@@ -85,10 +89,15 @@ def ensure_inputs(prompt: dict, input_dir: Path, user_input_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workflow", default=DEFAULT_WORKFLOW,
-                        help=f"name of a workflows/*.api.json file (default {DEFAULT_WORKFLOW})")
+    parser.add_argument(
+        "--workflow",
+        default=DEFAULT_WORKFLOW,
+        help=f"name of a workflows/*.api.json file (default {DEFAULT_WORKFLOW})",
+    )
     parser.add_argument("--out", default=str(HERE.parent / "out"), help="folder for the PNG (default ./out)")
-    parser.add_argument("--tiny", action="store_true", help="use the tiny random set even if real weights exist")
+    parser.add_argument(
+        "--tiny", action="store_true", help="use the tiny random set even if real weights exist"
+    )
     args = parser.parse_args(argv)
 
     path = HERE / (args.workflow if args.workflow.endswith(".json") else f"{args.workflow}.api.json")
@@ -98,11 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     tiny = args.tiny or not has_models(real_models, prompt)
     if tiny:
         if not args.tiny:
-            missing = [n for folders, n in needed_models(prompt) if not any((real_models / f / n).exists() for f in folders)]
+            missing = [
+                n
+                for folders, n in needed_models(prompt)
+                if not any((real_models / f / n).exists() for f in folders)
+            ]
             say(f"no real FLUX.2 weights for this workflow in {real_models} (missing: {', '.join(missing)})")
         models = tiny_models_dir()
-        say("USING TINY RANDOM WEIGHTS: the picture will be noise from an untrained model. "
-            "Every node of the workflow still runs.")
+        say(
+            "USING TINY RANDOM WEIGHTS: the picture will be noise from an untrained model. "
+            "Every node of the workflow still runs."
+        )
     else:
         models = real_models
         say(f"using the real weights in {models}")
@@ -117,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     try:
         server.start()
-        say(f"ComfyUI (pid {server.proc.pid}) up on {server.url} in {time.monotonic() - t0:.1f} s; running {path.name}")
+        say(
+            f"ComfyUI (pid {server.proc.pid}) up on {server.url} in {time.monotonic() - t0:.1f} s; running {path.name}"
+        )
         t1 = time.monotonic()
         entry = server.run(prompt, timeout=24 * 3600)
         err = history_error(entry)

@@ -65,8 +65,11 @@ def diffusers_key_map(diffusers_keys) -> dict[str, Source]:
     out: dict[str, Source] = {b: d for b, d in _TOP.items() if d in keys}
     for i in range(_count(keys, "transformer_blocks.")):
         for b, d in _DOUBLE.items():
-            out[f"double_blocks.{i}.{b}"] = (tuple(f"transformer_blocks.{i}.{x}" for x in d)
-                                             if isinstance(d, tuple) else f"transformer_blocks.{i}.{d}")
+            out[f"double_blocks.{i}.{b}"] = (
+                tuple(f"transformer_blocks.{i}.{x}" for x in d)
+                if isinstance(d, tuple)
+                else f"transformer_blocks.{i}.{d}"
+            )
     for i in range(_count(keys, "single_transformer_blocks.")):
         for b, d in _SINGLE.items():
             out[f"single_blocks.{i}.{b}"] = f"single_transformer_blocks.{i}.{d}"
@@ -111,8 +114,10 @@ def strip_prefix(keys) -> tuple[str, list[str]]:
 
 
 def is_flux2_bfl(keys) -> bool:
-    return "double_stream_modulation_img.lin.weight" in keys or "img_in.weight" in keys and (
-        "single_stream_modulation.lin.weight" in keys
+    return (
+        "double_stream_modulation_img.lin.weight" in keys
+        or "img_in.weight" in keys
+        and ("single_stream_modulation.lin.weight" in keys)
     )
 
 
@@ -121,21 +126,56 @@ def is_flux2_diffusers(keys) -> bool:
 
 
 _NOT_FLUX2 = (  # (test on the raw key set, what the file is, fix)
-    (lambda ks: "double_blocks.0.img_mod.lin.weight" in ks or "vector_in.in_layer.weight" in ks
-     or any(k.endswith("double_blocks.0.img_mod.lin.weight") for k in ks),
-     "a FLUX.1 transformer", "FLUX.1 files need ComfyUI's own 'Load Diffusion Model' node."),
-    (lambda ks: "time_text_embed.timestep_embedder.linear_1.weight" in ks
-     or any(k.endswith("norm1.linear.weight") and k.startswith("transformer_blocks.") for k in ks),
-     "a FLUX.1 (diffusers) transformer", "FLUX.1 files need ComfyUI's own loaders."),
-    (lambda ks: any("input_blocks.0.0.weight" in k or k.startswith("conditioner.embedders.") for k in ks),
-     "a Stable Diffusion / SDXL checkpoint", "Use ComfyUI's 'Load Checkpoint' node for SD/SDXL models."),
-    (lambda ks: "bn.running_mean" in ks or any(k.startswith(("encoder.conv_in.", "decoder.conv_in.",
-                                                              "first_stage_model.")) for k in ks),
-     "a VAE", "Load it with the FLUX.2 VAE loader, and pick a flux2-dev / flux-2-klein transformer here."),
-    (lambda ks: any(k.startswith(("text_encoders.", "model.layers.", "model.language_model.", "language_model.",
-                                  "model.embed_tokens.", "text_model.", "encoder.block.", "shared.",
-                                  "transformer.resblocks.")) for k in ks),
-     "a text encoder", "Load it with the FLUX.2 text-encoder loader; this loader takes the transformer."),
+    (
+        lambda ks: (
+            "double_blocks.0.img_mod.lin.weight" in ks
+            or "vector_in.in_layer.weight" in ks
+            or any(k.endswith("double_blocks.0.img_mod.lin.weight") for k in ks)
+        ),
+        "a FLUX.1 transformer",
+        "FLUX.1 files need ComfyUI's own 'Load Diffusion Model' node.",
+    ),
+    (
+        lambda ks: (
+            "time_text_embed.timestep_embedder.linear_1.weight" in ks
+            or any(k.endswith("norm1.linear.weight") and k.startswith("transformer_blocks.") for k in ks)
+        ),
+        "a FLUX.1 (diffusers) transformer",
+        "FLUX.1 files need ComfyUI's own loaders.",
+    ),
+    (
+        lambda ks: any("input_blocks.0.0.weight" in k or k.startswith("conditioner.embedders.") for k in ks),
+        "a Stable Diffusion / SDXL checkpoint",
+        "Use ComfyUI's 'Load Checkpoint' node for SD/SDXL models.",
+    ),
+    (
+        lambda ks: (
+            "bn.running_mean" in ks
+            or any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in ks)
+        ),
+        "a VAE",
+        "Load it with the FLUX.2 VAE loader, and pick a flux2-dev / flux-2-klein transformer here.",
+    ),
+    (
+        lambda ks: any(
+            k.startswith(
+                (
+                    "text_encoders.",
+                    "model.layers.",
+                    "model.language_model.",
+                    "language_model.",
+                    "model.embed_tokens.",
+                    "text_model.",
+                    "encoder.block.",
+                    "shared.",
+                    "transformer.resblocks.",
+                )
+            )
+            for k in ks
+        ),
+        "a text encoder",
+        "Load it with the FLUX.2 text-encoder loader; this loader takes the transformer.",
+    ),
 )
 
 

@@ -25,8 +25,9 @@ _PICKLE_FIX = "Use the .safetensors version of this model (pickle files can run 
 
 def _refuse_pickle(path: Path) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise CheckpointError(path, f"'{path.suffix}' is a pickle-based PyTorch format, which is not supported.",
-                              _PICKLE_FIX)
+        raise CheckpointError(
+            path, f"'{path.suffix}' is a pickle-based PyTorch format, which is not supported.", _PICKLE_FIX
+        )
     try:
         with open(path, "rb") as f:
             head = f.read(9)
@@ -35,7 +36,9 @@ def _refuse_pickle(path: Path) -> None:
     if head[8:9] == b"{":
         return  # a safetensors JSON header starts right after the 8-byte length
     # torch.save writes a zip archive or a raw pickle (protocol byte 0x80, protocol 2..5).
-    if head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    if head[:4] == b"PK\x03\x04" or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    ):
         raise CheckpointError(path, "is a pickled PyTorch checkpoint renamed to safetensors.", _PICKLE_FIX)
 
 
@@ -107,8 +110,11 @@ def _from_files(root: Path, paths: list[Path]) -> CheckpointReader:
         sf = SafetensorsFile(p)
         for k in sf.keys():
             if k in key_to_file:
-                raise CheckpointError(root, f"tensor '{k}' appears in both {files[key_to_file[k]].path} and {p}.",
-                                      "Remove the duplicate shard.")
+                raise CheckpointError(
+                    root,
+                    f"tensor '{k}' appears in both {files[key_to_file[k]].path} and {p}.",
+                    "Remove the duplicate shard.",
+                )
             key_to_file[k] = len(files)
         files.append(sf)
     return CheckpointReader(root, files, key_to_file)
@@ -120,19 +126,31 @@ def _from_index(folder: Path, index_path: Path) -> CheckpointReader:
         if not isinstance(weight_map, dict):
             raise TypeError
     except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(index_path, "is not a valid sharded-checkpoint index (no 'weight_map').",
-                              "Download the index JSON again.") from None
+        raise CheckpointError(
+            index_path,
+            "is not a valid sharded-checkpoint index (no 'weight_map').",
+            "Download the index JSON again.",
+        ) from None
     shard_names = sorted(set(weight_map.values()))
     missing = [s for s in shard_names if not (folder / s).is_file()]
     if missing:
-        raise CheckpointError(folder, f"shard file(s) listed in {index_path.name} are missing: {missing}.",
-                              "Download every shard of the model into this folder.")
+        raise CheckpointError(
+            folder,
+            f"shard file(s) listed in {index_path.name} are missing: {missing}.",
+            "Download every shard of the model into this folder.",
+        )
     reader = _from_files(folder, [folder / s for s in shard_names])
-    absent = sorted(k for k, s in weight_map.items() if reader._key_to_file.get(k) is None
-                    or Path(reader.path_of(k)).name != s)
+    absent = sorted(
+        k
+        for k, s in weight_map.items()
+        if reader._key_to_file.get(k) is None or Path(reader.path_of(k)).name != s
+    )
     if absent:
-        raise CheckpointError(folder, f"{len(absent)} tensor(s) named in {index_path.name} are not in their "
-                              f"shards, e.g. {absent[:5]}.", "Download the shards again; some are incomplete.")
+        raise CheckpointError(
+            folder,
+            f"{len(absent)} tensor(s) named in {index_path.name} are not in their shards, e.g. {absent[:5]}.",
+            "Download the shards again; some are incomplete.",
+        )
     return reader
 
 
@@ -163,8 +181,11 @@ def open_checkpoint(path: str | os.PathLike, subfolder: str | None = None) -> Ch
         own = sorted(folder.glob("*.safetensors"))
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
-        raise CheckpointError(folder, f"has several index files ({[i.name for i in indexes]}).",
-                              "Keep only the index of the model you want to load.")
+        raise CheckpointError(
+            folder,
+            f"has several index files ({[i.name for i in indexes]}).",
+            "Keep only the index of the model you want to load.",
+        )
     if indexes:
         return _from_index(folder, indexes[0])
     if own:
@@ -173,5 +194,8 @@ def open_checkpoint(path: str | os.PathLike, subfolder: str | None = None) -> Ch
     if pickles:
         raise CheckpointError(folder, f"holds only pickle-based weights ({pickles[:3]}).", _PICKLE_FIX)
     where = f" (looked in '{subfolder}/' too)" if subfolder else ""
-    raise CheckpointError(folder, f"contains no .safetensors files{where}.",
-                          "Point to the model's .safetensors file or to its diffusers folder.")
+    raise CheckpointError(
+        folder,
+        f"contains no .safetensors files{where}.",
+        "Point to the model's .safetensors file or to its diffusers folder.",
+    )

@@ -98,7 +98,9 @@ class SafetensorsFile:
                 if size == 0:
                     raise self._fail("the file is empty (0 bytes).")
                 if len(head) < 8:
-                    raise self._fail(f"the file is only {size} bytes long, too short for a safetensors header.")
+                    raise self._fail(
+                        f"the file is only {size} bytes long, too short for a safetensors header."
+                    )
                 (n,) = struct.unpack("<Q", head)
                 if n > _MAX_HEADER_BYTES or 8 + n > size:
                     raise self._fail(
@@ -108,8 +110,11 @@ class SafetensorsFile:
         except CheckpointError:
             raise
         except OSError as e:
-            raise CheckpointError(self.path, f"cannot read the file ({e.strerror or e}).",
-                                  "Check that the path exists and is readable.") from None
+            raise CheckpointError(
+                self.path,
+                f"cannot read the file ({e.strerror or e}).",
+                "Check that the path exists and is readable.",
+            ) from None
         if raw[:1] != b"{":
             raise self._fail("the header is not JSON (not a safetensors file?).")
         try:
@@ -193,8 +198,9 @@ class SafetensorsFile:
             try:
                 # shared=False maps the file privately (copy on write): pages are read lazily and a
                 # caller writing into a returned tensor never changes the file.
-                self._storage = torch.UntypedStorage.from_file(self.path, shared=False,
-                                                               nbytes=os.path.getsize(self.path))
+                self._storage = torch.UntypedStorage.from_file(
+                    self.path, shared=False, nbytes=os.path.getsize(self.path)
+                )
             except (RuntimeError, OSError) as e:  # e.g. a platform without private file mappings
                 logger.warning("cannot memory-map %s (%s); reading tensors with copies", self.path, e)
                 self._map_failed = True

@@ -25,8 +25,14 @@ from .layouts import (
 from .reader import CheckpointReader
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_AUX_SUFFIXES = (".weight_scale_2", ".weight_scale", ".input_scale", ".scale_weight", ".scale_input",
-                 ".comfy_quant")
+_AUX_SUFFIXES = (
+    ".weight_scale_2",
+    ".weight_scale",
+    ".input_scale",
+    ".scale_weight",
+    ".scale_input",
+    ".comfy_quant",
+)
 
 
 @dataclass(frozen=True)
@@ -64,18 +70,24 @@ def _quant_formats(reader: CheckpointReader, prefix: str, layers: list[str]) -> 
     if raw:
         try:
             for name, conf in json.loads(raw).get("layers", {}).items():
-                out[name[len(prefix):] if prefix and name.startswith(prefix) else name] = conf.get("format", "")
+                out[name[len(prefix) :] if prefix and name.startswith(prefix) else name] = conf.get(
+                    "format", ""
+                )
         except (ValueError, AttributeError):
-            raise CheckpointError(reader.path, "its '_quantization_metadata' header is not valid JSON.",
-                                  "Download the file again.") from None
+            raise CheckpointError(
+                reader.path,
+                "its '_quantization_metadata' header is not valid JSON.",
+                "Download the file again.",
+            ) from None
     for layer in layers:
         key = f"{prefix}{layer}.comfy_quant"
         if key in reader:
             try:
                 out[layer] = json.loads(bytes(reader.get(key).tolist()).decode()).get("format", "")
             except (ValueError, UnicodeDecodeError):
-                raise CheckpointError(reader.path, f"'{key}' is not valid quantization JSON.",
-                                      "Download the file again.") from None
+                raise CheckpointError(
+                    reader.path, f"'{key}' is not valid quantization JSON.", "Download the file again."
+                ) from None
     return out
 
 
@@ -104,20 +116,32 @@ def _bfl_sources(reader: CheckpointReader, prefix: str, keys: list[str]) -> Tran
         fmt = formats.get(layer or "", "")
         if dt in FP8_DTYPES:
             any_fp8 = True
-            sources[k] = TensorSource("fp8", (full,), shape, scale=aux(".weight_scale", ".scale_weight"),
-                                      input_scale=aux(".input_scale", ".scale_input"))
-        elif dt == torch.uint8 and (fmt == "nvfp4" or (layer is not None and layer + ".weight_scale_2" in key_set)):
+            sources[k] = TensorSource(
+                "fp8",
+                (full,),
+                shape,
+                scale=aux(".weight_scale", ".scale_weight"),
+                input_scale=aux(".input_scale", ".scale_input"),
+            )
+        elif dt == torch.uint8 and (
+            fmt == "nvfp4" or (layer is not None and layer + ".weight_scale_2" in key_set)
+        ):
             any_nvfp4 = True
             block, glob = aux(".weight_scale"), aux(".weight_scale_2")
             if block is None or glob is None or len(shape) != 2:
-                raise CheckpointError(reader.path, f"NVFP4 layer '{layer}' lacks its weight_scale / weight_scale_2.",
-                                      "Download the file again; it is incomplete.")
+                raise CheckpointError(
+                    reader.path,
+                    f"NVFP4 layer '{layer}' lacks its weight_scale / weight_scale_2.",
+                    "Download the file again; it is incomplete.",
+                )
             aux(".input_scale")  # activation scale of FP4 matmuls: not needed to dequantize
             sources[k] = TensorSource("nvfp4", (full,), (shape[0], shape[1] * 2), scale=block, scale2=glob)
         elif dt == torch.uint8 or fmt:
-            raise CheckpointError(reader.path, f"tensor '{full}' uses an unsupported quantization "
-                                  f"({fmt or 'uint8 without scales'}).",
-                                  "Use a bf16, fp8 or NVFP4 FLUX.2 file.")
+            raise CheckpointError(
+                reader.path,
+                f"tensor '{full}' uses an unsupported quantization ({fmt or 'uint8 without scales'}).",
+                "Use a bf16, fp8 or NVFP4 FLUX.2 file.",
+            )
         else:
             sources[k] = TensorSource("plain", (full,), shape)
     comfy_style = bool(prefix) or "scaled_fp8" in key_set or any(k.endswith(".comfy_quant") for k in keys)
@@ -138,8 +162,11 @@ def _diffusers_sources(reader: CheckpointReader, keys: list[str]) -> Transformer
         if isinstance(src, tuple):
             missing = [s for s in src if s not in reader]
             if missing:
-                raise CheckpointError(reader.path, f"is missing {missing} (parts of '{bfl}').",
-                                      "Download every shard of the diffusers transformer.")
+                raise CheckpointError(
+                    reader.path,
+                    f"is missing {missing} (parts of '{bfl}').",
+                    "Download every shard of the diffusers transformer.",
+                )
             shapes = [reader.shape(s) for s in src]
             sources[bfl] = TensorSource("cat", src, (sum(s[0] for s in shapes), *shapes[0][1:]))
             used.update(src)
@@ -149,8 +176,11 @@ def _diffusers_sources(reader: CheckpointReader, keys: list[str]) -> Transformer
         else:
             continue  # reported as a missing key by the loader
         if reader.dtype(sources[bfl].keys[0]) in (*FP8_DTYPES, torch.uint8):
-            raise CheckpointError(reader.path, "quantized diffusers folders are not supported.",
-                                  "Use the bf16 diffusers folder or a BFL/ComfyUI fp8 single file.")
+            raise CheckpointError(
+                reader.path,
+                "quantized diffusers folders are not supported.",
+                "Use the bf16 diffusers folder or a BFL/ComfyUI fp8 single file.",
+            )
     return TransformerPlan(sources, "diffusers", sorted(set(keys) - used))
 
 
@@ -182,5 +212,8 @@ def plan_transformer(reader: CheckpointReader) -> TransformerPlan:
 
 def fp8_block_layers(plan: TransformerPlan) -> dict[str, bool]:
     """Block Linear layers stored as fp8 -> whether they have a static input scale."""
-    return {k[: -len(".weight")]: s.input_scale is not None for k, s in plan.sources.items()
-            if s.kind == "fp8" and is_block_linear(k)}
+    return {
+        k[: -len(".weight")]: s.input_scale is not None
+        for k, s in plan.sources.items()
+        if s.kind == "fp8" and is_block_linear(k)
+    }

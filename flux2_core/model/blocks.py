@@ -70,7 +70,9 @@ class DoubleStreamBlock(nn.Module):
         txt_qkv = self.txt_attn.qkv(mod_txt[0].modulate(_ln(txt)))  # (B, Lt, 3H)
         qkv = torch.cat((txt_qkv, img_qkv), dim=1).unflatten(-1, (3, self.num_heads, -1))  # (B, L, 3, h, D)
         del img_qkv, txt_qkv
-        tables = fold_scales(rope, [(*self.txt_attn.scales(), n_txt), (*self.img_attn.scales(), img.shape[1])])
+        tables = fold_scales(
+            rope, [(*self.txt_attn.scales(), n_txt), (*self.img_attn.scales(), img.shape[1])]
+        )
         qk = norm_rope_qk(qkv[:, :, :2], tables, qkv.dtype)  # (B, L, 2, h, D)
         out = attn(qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]).flatten(2)  # (B, L, H)
         del qk, qkv
@@ -93,7 +95,9 @@ class SingleStreamBlock(nn.Module):
         self.linear2 = nn.Linear(H + M, H, bias=False, dtype=dtype, device=device)
         self.norm = QKNorm(config.head_dim, dtype, device)
 
-    def forward(self, x: torch.Tensor, mod: ModulationOut, rope: Rope, attn: Attention = sdpa) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mod: ModulationOut, rope: Rope, attn: Attention = sdpa
+    ) -> torch.Tensor:
         """Args: x (B, L, H) = [txt; img]; mod its (shift, scale, gate); rope tables of x. Returns (B, L, H)."""
         h = self.linear1(mod.modulate(_ln(x)))  # (B, L, 3H + 2M)
         qkv = h[..., : self.split[0]].unflatten(-1, (3, self.num_heads, -1))  # (B, L, 3, h, D)
@@ -117,8 +121,9 @@ class LastLayer(nn.Module):
 
     def __init__(self, hidden: int, out_channels: int, dtype=None, device=None):
         super().__init__()
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False, dtype=dtype,
-                                                                   device=device))
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False, dtype=dtype, device=device)
+        )
         self.linear = nn.Linear(hidden, out_channels, bias=False, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:

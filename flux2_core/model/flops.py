@@ -56,8 +56,13 @@ class BlockFlops:
         return self.double * self.depth + self.single * self.depth_single
 
 
-def tokens_for(width: int, height: int, text_tokens: int = 512, reference_images: int = 0,
-               reference_tokens: int | None = None) -> int:
+def tokens_for(
+    width: int,
+    height: int,
+    text_tokens: int = 512,
+    reference_images: int = 0,
+    reference_tokens: int | None = None,
+) -> int:
     """Sequence length of one forward pass: image tokens (16x16 pixels each) + text + references.
 
     Args:

@@ -51,4 +51,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """
     # SDPA takes (B, heads, L, D); its flash/cuDNN kernels keep (B, L, heads, D) memory, so both
     # transposes are free views and the output reshapes to (B, L, H) without a copy.
-    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(
+        1, 2
+    )

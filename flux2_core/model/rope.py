@@ -62,7 +62,9 @@ def _swap_pairs(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
-def fold_scales(rope: Rope, segments: list[tuple[torch.Tensor, torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
+def fold_scales(
+    rope: Rope, segments: list[tuple[torch.Tensor, torch.Tensor, int]]
+) -> tuple[torch.Tensor, ...]:
     """Fold per-segment QK-norm scales into the rotation tables.
 
     Args:
@@ -80,7 +82,9 @@ def fold_scales(rope: Rope, segments: list[tuple[torch.Tensor, torch.Tensor, int
     return rope.cos * s, rope.sin * _swap_pairs(s)
 
 
-def norm_rope_qk(qk: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+def norm_rope_qk(
+    qk: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor], out_dtype: torch.dtype
+) -> torch.Tensor:
     """RMS-normalise q and k over the head dim, apply their scales and the rotation, in fp32.
 
     Args:

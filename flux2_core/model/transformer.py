@@ -41,14 +41,18 @@ class Flux2Transformer(nn.Module):
         self.double_stream_modulation_txt = Modulation(H, 2, **kw)
         self.single_stream_modulation = Modulation(H, 1, **kw)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(config, **kw) for _ in range(config.depth))
-        self.single_blocks = nn.ModuleList(SingleStreamBlock(config, **kw) for _ in range(config.depth_single))
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(config, **kw) for _ in range(config.depth_single)
+        )
         self.final_layer = LastLayer(H, config.in_channels, **kw)
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return self.img_in.weight.dtype
 
-    def _vec(self, timesteps: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    def _vec(
+        self, timesteps: torch.Tensor, guidance: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor:
         vec = self.time_in(timestep_embedding(timesteps).to(dtype))  # (B, H)
         if self.guidance_in is not None:
             if guidance is None:
@@ -56,7 +60,9 @@ class Flux2Transformer(nn.Module):
                     f"this FLUX.2 {self.config.variant} model embeds the guidance scale: pass guidance "
                     "(e.g. 4.0) for every sample."
                 )
-            vec = vec + self.guidance_in(timestep_embedding(guidance.reshape(-1).expand(vec.shape[0])).to(dtype))
+            vec = vec + self.guidance_in(
+                timestep_embedding(guidance.reshape(-1).expand(vec.shape[0])).to(dtype)
+            )
         return vec
 
     def forward(
@@ -121,7 +127,9 @@ class Flux2Transformer(nn.Module):
             ids = [txt_ids, img_ids]
         axes, theta = self.config.axes_dim, self.config.theta
         # ids may be (L, 4) or (1, L, 4) shared by the batch, or (B, L, 4)
-        rope = cat_rope([rope_tables(i.reshape(-1, *i.shape[-2:]).expand(B, -1, -1), axes, theta) for i in ids])
+        rope = cat_rope(
+            [rope_tables(i.reshape(-1, *i.shape[-2:]).expand(B, -1, -1), axes, theta) for i in ids]
+        )
 
         def attention(kind: str, index: int):
             if extract:

@@ -9,7 +9,9 @@ FP8_MAX = 448.0
 _CHUNK_ELEMS = 16 * 1024 * 1024
 
 
-def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize with one fp32 scale (amax / 448). Returns (fp8 weight, scalar fp32 scale)."""
     scale = (w.detach().abs().amax().float() / FP8_MAX).clamp(min=1e-12)
     q = (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(dtype)

@@ -21,12 +21,19 @@ class FP8Linear(nn.Module):
     module is assign-loaded like any other.
     """
 
-    def __init__(self, in_features: int, out_features: int, has_input_scale: bool = True,
-                 weight_dtype: torch.dtype = torch.float8_e4m3fn, device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        has_input_scale: bool = True,
+        weight_dtype: torch.dtype = torch.float8_e4m3fn,
+        device=None,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=weight_dtype, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty((out_features, in_features), dtype=weight_dtype, device=device), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
         if has_input_scale:
             self.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
@@ -37,12 +44,18 @@ class FP8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.input_scale is not None and self.weight.dtype == torch.float8_e4m3fn
-                and _has_fp8_mm(x.device) and x.shape[-1] % 16 == 0 and self.out_features % 16 == 0):
+        if (
+            self.input_scale is not None
+            and self.weight.dtype == torch.float8_e4m3fn
+            and _has_fp8_mm(x.device)
+            and x.shape[-1] % 16 == 0
+            and self.out_features % 16 == 0
+        ):
             x2 = x.reshape(-1, x.shape[-1])
             xq = (x2 / self.input_scale.to(x.dtype)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            out = torch._scaled_mm(xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale,
-                                   out_dtype=x.dtype)
+            out = torch._scaled_mm(
+                xq, self.weight.t(), scale_a=self.input_scale, scale_b=self.weight_scale, out_dtype=x.dtype
+            )
             return out.reshape(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight.to(x.dtype) * self.weight_scale.to(x.dtype))
 

@@ -44,12 +44,16 @@ def plan_guidance(config, guidance: float | None) -> GuidancePlan:
     if guidance is not None and guidance < 0:
         raise InputError(f"guidance must be >= 0, got {guidance}.")
     if getattr(config, "guidance_embed", False):
-        return GuidancePlan("embedded", DEFAULT_GUIDANCE if guidance is None else float(guidance),
-                            DEFAULT_STEPS)
+        return GuidancePlan(
+            "embedded", DEFAULT_GUIDANCE if guidance is None else float(guidance), DEFAULT_STEPS
+        )
     if getattr(config, "distilled", True):
         if guidance not in (None, 1.0):
-            logger.warning("guidance %.2f ignored: %s is step-distilled and runs without guidance",
-                           guidance, getattr(config, "variant", "this model"))
+            logger.warning(
+                "guidance %.2f ignored: %s is step-distilled and runs without guidance",
+                guidance,
+                getattr(config, "variant", "this model"),
+            )
         return GuidancePlan("none", None, DEFAULT_STEPS_DISTILLED)
     scale = DEFAULT_GUIDANCE if guidance is None else float(guidance)
     # g <= 1 makes CFG a no-op or an extrapolation away from the prompt; diffusers also skips it.

@@ -18,13 +18,26 @@ logger = logging.getLogger(__name__)
 DEFAULT_SIZE = 1024
 
 
-def generate(*, transformer, vae, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None = None,
-             reference_images: Sequence[Tensor] | None = None, width: int | None = None,
-             height: int | None = None, steps: int | None = None, guidance: float | None = None,
-             seed: int = 0, noise: Tensor | None = None, init_image: Tensor | None = None,
-             denoise: float = 1.0, callback: StepCallback | None = None,
-             pixel_budget: int = DEFAULT_PIXEL_BUDGET, tile: str | int | None = "auto",
-             device: torch.device | str | None = None) -> Tensor:
+def generate(
+    *,
+    transformer,
+    vae,
+    prompt_embeds: Tensor,
+    negative_prompt_embeds: Tensor | None = None,
+    reference_images: Sequence[Tensor] | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    noise: Tensor | None = None,
+    init_image: Tensor | None = None,
+    denoise: float = 1.0,
+    callback: StepCallback | None = None,
+    pixel_budget: int = DEFAULT_PIXEL_BUDGET,
+    tile: str | int | None = "auto",
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Generate images: prepare references, sample, decode.
 
     Args:
@@ -57,13 +70,26 @@ def generate(*, transformer, vae, prompt_embeds: Tensor, negative_prompt_embeds:
         if init_image.ndim == 3:
             init_image = init_image[None]
         if tuple(init_image.shape[-2:]) != (height, width):
-            raise InputError(f"init_image is {init_image.shape[-1]}x{init_image.shape[-2]} but the output "
-                             f"size is {width}x{height}. Fix: resize the image or set the size to match.")
+            raise InputError(
+                f"init_image is {init_image.shape[-1]}x{init_image.shape[-2]} but the output "
+                f"size is {width}x{height}. Fix: resize the image or set the size to match."
+            )
         init_latents = vae.encode(init_image, tile=tile)
     latents = sample_latents(
-        transformer=transformer, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-        reference_latents=refs, width=width, height=height, steps=steps, guidance=guidance, seed=seed,
-        noise=noise, init_latents=init_latents, denoise=denoise, callback=callback, device=device,
+        transformer=transformer,
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_prompt_embeds,
+        reference_latents=refs,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        noise=noise,
+        init_latents=init_latents,
+        denoise=denoise,
+        callback=callback,
+        device=device,
     )
     return vae.decode(latents, tile=tile).clamp(-1.0, 1.0)
 
@@ -86,8 +112,10 @@ class Flux2Pipeline:
         if prompt is None or isinstance(prompt, Tensor):
             return prompt
         if self.text_encoder is None:
-            raise InputError(f"{name} is text but this pipeline has no text encoder. Fix: pass "
-                             "precomputed embeddings, or build Flux2Pipeline(..., text_encoder=...).")
+            raise InputError(
+                f"{name} is text but this pipeline has no text encoder. Fix: pass "
+                "precomputed embeddings, or build Flux2Pipeline(..., text_encoder=...)."
+            )
         return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
 
     def _needs_negative(self, guidance: float | None) -> bool:
@@ -95,8 +123,9 @@ class Flux2Pipeline:
 
         return plan_guidance(self.transformer.config, guidance).mode == "cfg"
 
-    def __call__(self, prompt: str | Sequence[str] | Tensor, negative_prompt: str | Tensor | None = None,
-                 **kwargs) -> Tensor:
+    def __call__(
+        self, prompt: str | Sequence[str] | Tensor, negative_prompt: str | Tensor | None = None, **kwargs
+    ) -> Tensor:
         """Generate images; keyword arguments are those of ``generate`` (without the models).
 
         Args:
@@ -108,16 +137,25 @@ class Flux2Pipeline:
             (B, 3, H, W) images in [-1, 1].
         """
         pos = self._embed(prompt, "prompt")
-        if negative_prompt is None and self.text_encoder is not None \
-                and self._needs_negative(kwargs.get("guidance")):
+        if (
+            negative_prompt is None
+            and self.text_encoder is not None
+            and self._needs_negative(kwargs.get("guidance"))
+        ):
             negative_prompt = [""] * pos.shape[0]
         neg = self._embed(negative_prompt, "negative_prompt")
         kwargs.setdefault("device", self.device)
-        return generate(transformer=self.transformer, vae=self.vae, prompt_embeds=pos,
-                        negative_prompt_embeds=neg, **kwargs)
+        return generate(
+            transformer=self.transformer,
+            vae=self.vae,
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            **kwargs,
+        )
 
     def sample_latents(self, prompt: str | Sequence[str] | Tensor, **kwargs) -> Tensor:
         """Latents only (no references prepared, no decode); see ``sample_latents``."""
         kwargs.setdefault("device", self.device)
-        return sample_latents(transformer=self.transformer, prompt_embeds=self._embed(prompt, "prompt"),
-                              **kwargs)
+        return sample_latents(
+            transformer=self.transformer, prompt_embeds=self._embed(prompt, "prompt"), **kwargs
+        )

@@ -36,8 +36,9 @@ def _as_list(images: Tensor | Sequence[Tensor]) -> list[Tensor]:
     out = []
     for i, img in enumerate(images):
         if not isinstance(img, Tensor):
-            raise InputError(f"reference image {i} is a {type(img).__name__}; expected a (3, H, W) tensor "
-                             "in [-1, 1].")
+            raise InputError(
+                f"reference image {i} is a {type(img).__name__}; expected a (3, H, W) tensor in [-1, 1]."
+            )
         out.append(img[0] if img.ndim == 4 and img.shape[0] == 1 else img)
     return out
 
@@ -57,26 +58,32 @@ def fit_reference(image: Tensor, pixel_budget: int = DEFAULT_PIXEL_BUDGET, index
         raise InputError(f"reference image {index} has shape {tuple(image.shape)}; expected (3, H, W) RGB.")
     _, h, w = image.shape
     if min(h, w) < MIN_REF_SIDE:
-        raise InputError(f"reference image {index} is {w}x{h}; both sides must be at least {MIN_REF_SIDE} "
-                         "pixels. Fix: use a larger image.")
+        raise InputError(
+            f"reference image {index} is {w}x{h}; both sides must be at least {MIN_REF_SIDE} "
+            "pixels. Fix: use a larger image."
+        )
     if max(h / w, w / h) > MAX_REF_ASPECT:
-        raise InputError(f"reference image {index} is {w}x{h}, an aspect ratio beyond {MAX_REF_ASPECT:g}:1. "
-                         "Fix: crop it to a less extreme shape.")
+        raise InputError(
+            f"reference image {index} is {w}x{h}, an aspect ratio beyond {MAX_REF_ASPECT:g}:1. "
+            "Fix: crop it to a less extreme shape."
+        )
     image = image.float()
     if h * w > pixel_budget:
         scale = math.sqrt(pixel_budget / (h * w))
         nh, nw = max(DOWNSCALE, int(h * scale)), max(DOWNSCALE, int(w * scale))
-        image = F.interpolate(image[None], size=(nh, nw), mode="bicubic", antialias=True,
-                              align_corners=False)[0]
+        image = F.interpolate(
+            image[None], size=(nh, nw), mode="bicubic", antialias=True, align_corners=False
+        )[0]
         logger.debug("reference %d resized %dx%d -> %dx%d", index, w, h, nw, nh)
         h, w = nh, nw
     ch, cw = h // DOWNSCALE * DOWNSCALE, w // DOWNSCALE * DOWNSCALE
     top, left = (h - ch) // 2, (w - cw) // 2
-    return image[:, top:top + ch, left:left + cw].clamp(-1.0, 1.0)
+    return image[:, top : top + ch, left : left + cw].clamp(-1.0, 1.0)
 
 
-def prepare_reference_latents(vae, images: Tensor | Sequence[Tensor],
-                              pixel_budget: int = DEFAULT_PIXEL_BUDGET, tile="auto") -> list[Tensor]:
+def prepare_reference_latents(
+    vae, images: Tensor | Sequence[Tensor], pixel_budget: int = DEFAULT_PIXEL_BUDGET, tile="auto"
+) -> list[Tensor]:
     """Fit and encode reference images.
 
     Args:
@@ -93,8 +100,10 @@ def prepare_reference_latents(vae, images: Tensor | Sequence[Tensor],
     """
     refs = _as_list(images)
     if len(refs) > MAX_REFERENCES:
-        raise InputError(f"{len(refs)} reference images given; at most {MAX_REFERENCES} are supported. "
-                         "Fix: remove some reference images.")
+        raise InputError(
+            f"{len(refs)} reference images given; at most {MAX_REFERENCES} are supported. "
+            "Fix: remove some reference images."
+        )
     out = []
     for i, img in enumerate(refs):
         fitted = fit_reference(img, pixel_budget, i)

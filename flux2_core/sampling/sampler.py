@@ -65,14 +65,18 @@ def _check_embeds(name: str, embeds: Tensor, context_dim: int | None) -> None:
         shape = tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__
         raise InputError(f"{name} must be a (B, L, context_dim) tensor, got {shape}.")
     if context_dim is not None and embeds.shape[-1] != context_dim:
-        raise InputError(f"{name} has feature width {embeds.shape[-1]} but the transformer expects "
-                         f"{context_dim}. Fix: use the text encoder that belongs to this FLUX.2 model.")
+        raise InputError(
+            f"{name} has feature width {embeds.shape[-1]} but the transformer expects "
+            f"{context_dim}. Fix: use the text encoder that belongs to this FLUX.2 model."
+        )
 
 
 def _check_batch(name: str, t: Tensor, batch: int) -> None:
     if t.shape[0] not in (1, batch):
-        raise InputError(f"{name} has batch size {t.shape[0]} but the prompt embeddings have {batch}. "
-                         "Fix: give one item (shared) or one per prompt.")
+        raise InputError(
+            f"{name} has batch size {t.shape[0]} but the prompt embeddings have {batch}. "
+            "Fix: give one item (shared) or one per prompt."
+        )
 
 
 def start_index(steps: int, denoise: float) -> int:
@@ -85,8 +89,16 @@ def start_index(steps: int, denoise: float) -> int:
 class _Velocity:
     """v(x, sigma) for one guidance plan, with target + reference tokens or the KV cache."""
 
-    def __init__(self, transformer, plan: GuidancePlan, txt: Tensor, neg: Tensor | None,
-                 img_ids: Tensor, refs: tuple[Tensor, Tensor] | None, device: torch.device):
+    def __init__(
+        self,
+        transformer,
+        plan: GuidancePlan,
+        txt: Tensor,
+        neg: Tensor | None,
+        img_ids: Tensor,
+        refs: tuple[Tensor, Tensor] | None,
+        device: torch.device,
+    ):
         self.model, self.plan = transformer, plan
         self.txt, self.neg = txt, neg
         self.txt_ids = text_ids(txt.shape[0], txt.shape[1], device)
@@ -132,12 +144,24 @@ class _Velocity:
             cache.clear()
 
 
-def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds: Tensor | None = None,
-                   reference_latents: list[Tensor] | None = None, width: int = 1024, height: int = 1024,
-                   steps: int | None = None, guidance: float | None = None, seed: int = 0,
-                   noise: Tensor | None = None, init_latents: Tensor | None = None, denoise: float = 1.0,
-                   callback: StepCallback | None = None, sigmas: list[float] | None = None,
-                   device: torch.device | str | None = None) -> Tensor:
+def sample_latents(
+    *,
+    transformer,
+    prompt_embeds: Tensor,
+    negative_prompt_embeds: Tensor | None = None,
+    reference_latents: list[Tensor] | None = None,
+    width: int = 1024,
+    height: int = 1024,
+    steps: int | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    noise: Tensor | None = None,
+    init_latents: Tensor | None = None,
+    denoise: float = 1.0,
+    callback: StepCallback | None = None,
+    sigmas: list[float] | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Denoise FLUX.2 latents.
 
     Args:
@@ -174,9 +198,11 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
     neg = None
     if plan.mode == "cfg":
         if negative_prompt_embeds is None:
-            raise InputError(f"{getattr(cfg, 'variant', 'this model')} is a base (undistilled) model that "
-                             "needs true CFG: pass negative_prompt_embeds (the encoding of the empty prompt "
-                             "\"\" if you have no negative prompt), or set guidance to 1 to disable CFG.")
+            raise InputError(
+                f"{getattr(cfg, 'variant', 'this model')} is a base (undistilled) model that "
+                "needs true CFG: pass negative_prompt_embeds (the encoding of the empty prompt "
+                '"" if you have no negative prompt), or set guidance to 1 to disable CFG.'
+            )
         _check_embeds("negative_prompt_embeds", negative_prompt_embeds, getattr(cfg, "context_dim", None))
         _check_batch("negative_prompt_embeds", negative_prompt_embeds, b)
         neg = negative_prompt_embeds.to(device).expand(b, -1, -1)
@@ -203,8 +229,10 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
     x = noise.to(device, torch.float32)
     if init_latents is not None:
         if init_latents.ndim != 4 or tuple(init_latents.shape[1:]) != shape[1:]:
-            raise InputError(f"init_latents has shape {tuple(init_latents.shape)}; expected (B, "
-                             f"{LATENT_CHANNELS}, {h}, {w}) for {width}x{height}.")
+            raise InputError(
+                f"init_latents has shape {tuple(init_latents.shape)}; expected (B, "
+                f"{LATENT_CHANNELS}, {h}, {w}) for {width}x{height}."
+            )
         _check_batch("init_latents", init_latents, b)
         s0 = schedule[first]
         x = s0 * x + (1.0 - s0) * init_latents.to(device, torch.float32).expand(b, -1, -1, -1)
@@ -214,12 +242,25 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
         tokens, ids = reference_tokens([r.to(device) for r in reference_latents], b)
         refs = (tokens.float(), ids)
 
-    velocity = _Velocity(transformer, plan, prompt_embeds.to(device), neg, image_ids(h, w, batch=b,
-                         device=device), refs, device)
+    velocity = _Velocity(
+        transformer,
+        plan,
+        prompt_embeds.to(device),
+        neg,
+        image_ids(h, w, batch=b, device=device),
+        refs,
+        device,
+    )
     x = pack(x)  # (B, N, 128)
     total = len(schedule) - 1 - first
-    logger.debug("sampling %dx%d, %d steps (%s guidance), %d reference tokens", width, height, total,
-                 plan.mode, 0 if refs is None else refs[0].shape[1])
+    logger.debug(
+        "sampling %dx%d, %d steps (%s guidance), %d reference tokens",
+        width,
+        height,
+        total,
+        plan.mode,
+        0 if refs is None else refs[0].shape[1],
+    )
     try:
         with torch.no_grad():
             for i in range(first, len(schedule) - 1):
@@ -232,7 +273,8 @@ def sample_latents(*, transformer, prompt_embeds: Tensor, negative_prompt_embeds
                     if callback(info) is True:
                         raise GenerationCancelled(
                             f"Generation cancelled by the progress callback after step {i - first + 1} of "
-                            f"{total}; no result was produced.")
+                            f"{total}; no result was produced."
+                        )
     finally:
         velocity.release()
     return unpack(x, h, w)

@@ -37,8 +37,10 @@ def validate_size(width: int, height: int) -> None:
     if problems:
         w = max(MIN_SIDE, round(width / DOWNSCALE) * DOWNSCALE)
         h = max(MIN_SIDE, round(height / DOWNSCALE) * DOWNSCALE)
-        raise InputError(f"Invalid output size {width}x{height}: {'; '.join(problems)}. "
-                         f"Fix: use e.g. {w}x{h} (within 4 MP).")
+        raise InputError(
+            f"Invalid output size {width}x{height}: {'; '.join(problems)}. "
+            f"Fix: use e.g. {w}x{h} (within 4 MP)."
+        )
 
 
 def pack(latents: Tensor) -> Tensor:
@@ -62,8 +64,9 @@ def text_ids(batch: int, length: int, device: torch.device | str = "cpu") -> Ten
     return ids.unsqueeze(0).expand(batch, -1, -1)
 
 
-def image_ids(height: int, width: int, t: int = 0, batch: int = 1,
-              device: torch.device | str = "cpu") -> Tensor:
+def image_ids(
+    height: int, width: int, t: int = 0, batch: int = 1, device: torch.device | str = "cpu"
+) -> Tensor:
     """(B, h*w, 4) ids (t, r, c, 0) for an h x w latent grid in row-major order."""
     r = torch.arange(height, device=device).repeat_interleave(width)
     c = torch.arange(width, device=device).repeat(height)
@@ -77,13 +80,17 @@ def reference_tokens(reference_latents: list[Tensor], batch: int) -> tuple[Tenso
     Reference k gets time coordinate 10 + 10k; its cells keep their own (r, c) grid from 0.
     """
     if len(reference_latents) > MAX_REFERENCES:
-        raise InputError(f"{len(reference_latents)} reference images given; at most {MAX_REFERENCES} "
-                         "are supported. Fix: remove some reference images.")
+        raise InputError(
+            f"{len(reference_latents)} reference images given; at most {MAX_REFERENCES} "
+            "are supported. Fix: remove some reference images."
+        )
     toks, ids = [], []
     for k, ref in enumerate(reference_latents):
         if ref.ndim != 4 or ref.shape[0] != 1 or ref.shape[1] != LATENT_CHANNELS:
-            raise InputError(f"reference latent {k} has shape {tuple(ref.shape)}; expected "
-                             f"(1, {LATENT_CHANNELS}, h, w) from prepare_reference_latents.")
+            raise InputError(
+                f"reference latent {k} has shape {tuple(ref.shape)}; expected "
+                f"(1, {LATENT_CHANNELS}, h, w) from prepare_reference_latents."
+            )
         toks.append(pack(ref))
         ids.append(image_ids(ref.shape[2], ref.shape[3], t=REF_TIME_STEP * (k + 1), device=ref.device))
     tokens = torch.cat(toks, dim=1).expand(batch, -1, -1)

@@ -7,6 +7,14 @@ from .spec import MISTRAL3, MISTRAL3_SYSTEM_PROMPT, QWEN3, TextEncoderSpec
 from .tokenizer import PromptTokenizer, load_prompt_tokenizer
 
 __all__ = [
-    "EMBEDDING_CACHE", "MISTRAL3", "MISTRAL3_SYSTEM_PROMPT", "QWEN3", "EmbeddingCache", "Flux2TextEncoder",
-    "PromptTokenizer", "TextEncoderSpec", "load_prompt_tokenizer", "load_text_encoder",
+    "EMBEDDING_CACHE",
+    "MISTRAL3",
+    "MISTRAL3_SYSTEM_PROMPT",
+    "QWEN3",
+    "EmbeddingCache",
+    "Flux2TextEncoder",
+    "PromptTokenizer",
+    "TextEncoderSpec",
+    "load_prompt_tokenizer",
+    "load_text_encoder",
 ]

@@ -34,8 +34,14 @@ class Flux2TextEncoder(nn.Module):
 
     streamable_blocks = ("model.layers",)
 
-    def __init__(self, spec: TextEncoderSpec, model: nn.Module, tokenizer: PromptTokenizer,
-                 identity: tuple = (), cache: EmbeddingCache | None = EMBEDDING_CACHE):
+    def __init__(
+        self,
+        spec: TextEncoderSpec,
+        model: nn.Module,
+        tokenizer: PromptTokenizer,
+        identity: tuple = (),
+        cache: EmbeddingCache | None = EMBEDDING_CACHE,
+    ):
         super().__init__()
         self.spec = spec
         self.kind = spec.kind
@@ -84,9 +90,14 @@ class Flux2TextEncoder(nn.Module):
                 raise InputError(f"prompt {i} is a {type(prompt).__name__}, not text.")
             ids = self.tokenizer.prompt_ids(prompt)
             if len(ids) > spec.max_length:
-                logger.warning("prompt %d is %d tokens long with its template; only the first %d are used "
-                               "(FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
-                               i, len(ids), spec.max_length, spec.max_length)
+                logger.warning(
+                    "prompt %d is %d tokens long with its template; only the first %d are used "
+                    "(FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
+                    i,
+                    len(ids),
+                    spec.max_length,
+                    spec.max_length,
+                )
                 ids = ids[: spec.max_length]
             pad = [spec.pad_id] * (spec.max_length - len(ids))
             mask = [1] * len(ids)
@@ -115,15 +126,22 @@ class Flux2TextEncoder(nn.Module):
         wanted = set(self.spec.hidden_layers)
         n_run = self.spec.layers_needed
         if len(model.layers) < n_run:
-            raise InputError(f"the encoder has {len(model.layers)} decoder layers loaded; FLUX.2 needs {n_run}.")
+            raise InputError(
+                f"the encoder has {len(model.layers)} decoder layers loaded; FLUX.2 needs {n_run}."
+            )
         device = self.device
         input_ids = input_ids.to(device)
         attention_mask = attention_mask.to(device)
         embeds = model.embed_tokens(input_ids)  # (B, L, H)
         # Positions 0..L-1 for every row, padding included: what the reference forward does.
         position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
-        mask = create_causal_mask(config=model.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
+        mask = create_causal_mask(
+            config=model.config,
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            past_key_values=None,
+            position_ids=position_ids,
+        )
         rope = model.rotary_emb(embeds, position_ids)
         h = embeds
         picked: dict[int, torch.Tensor] = {}
@@ -135,8 +153,17 @@ class Flux2TextEncoder(nn.Module):
 
     def _cache_key(self, prompt: str) -> tuple:
         s = self.spec
-        return (self.identity, self.tokenizer.source, s.kind, s.hidden_layers, s.max_length, s.pad_id, s.pad_left,
-                str(self.dtype), prompt)
+        return (
+            self.identity,
+            self.tokenizer.source,
+            s.kind,
+            s.hidden_layers,
+            s.max_length,
+            s.pad_id,
+            s.pad_left,
+            str(self.dtype),
+            prompt,
+        )
 
     @torch.inference_mode()
     def encode(self, prompts: str | Sequence[str], use_cache: bool = True) -> torch.Tensor:
@@ -178,8 +205,14 @@ class Flux2TextEncoder(nn.Module):
         if self._complete_for_generation is not None:
             self._complete_for_generation(self)
 
-    def upsample(self, prompt: str, images: Sequence | None = None, seed: int = 0, max_new_tokens: int = 512,
-                 temperature: float = 0.15) -> str:
+    def upsample(
+        self,
+        prompt: str,
+        images: Sequence | None = None,
+        seed: int = 0,
+        max_new_tokens: int = 512,
+        temperature: float = 0.15,
+    ) -> str:
         """Rewrite ``prompt`` into a more detailed one with the language model (BFL-style upsampling).
 
         Args:
@@ -195,9 +228,12 @@ class Flux2TextEncoder(nn.Module):
         """
         from .upsample import upsample_prompt
 
-        return upsample_prompt(self, prompt, images=images, seed=seed, max_new_tokens=max_new_tokens,
-                               temperature=temperature)
+        return upsample_prompt(
+            self, prompt, images=images, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature
+        )
 
     def extra_repr(self) -> str:
-        return (f"kind={self.kind}, layers={len(self.model.layers)}/{self.model.config.num_hidden_layers}, "
-                f"context_dim={self.context_dim}")
+        return (
+            f"kind={self.kind}, layers={len(self.model.layers)}/{self.model.config.num_hidden_layers}, "
+            f"context_dim={self.context_dim}"
+        )

@@ -25,13 +25,19 @@ class Fp8Linear(nn.Module):
         device: where the (empty) parameters are created; ``"meta"`` before loading.
     """
 
-    def __init__(self, in_features: int, out_features: int, fp8_dtype: torch.dtype = torch.float8_e4m3fn,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        fp8_dtype: torch.dtype = torch.float8_e4m3fn,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=fp8_dtype, device=device),
-                                   requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(out_features, in_features, dtype=fp8_dtype, device=device), requires_grad=False
+        )
         self.register_buffer("weight_scale", torch.ones((), dtype=torch.float32, device=device))
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -61,6 +67,10 @@ def swap_fp8_linears(module: nn.Module, stored_dtype: Callable[[str], torch.dtyp
         for attr, sub in list(child.named_children()):
             qual = f"{name}.{attr}" if name else attr
             if type(sub) is nn.Linear and sub.bias is None and stored_dtype(qual) in _FP8_DTYPES:
-                setattr(child, attr, Fp8Linear(sub.in_features, sub.out_features, stored_dtype(qual), device="meta"))
+                setattr(
+                    child,
+                    attr,
+                    Fp8Linear(sub.in_features, sub.out_features, stored_dtype(qual), device="meta"),
+                )
                 names.append(qual)
     return names

@@ -36,24 +36,45 @@ _BUNDLED_NAMES = {"mistral3_24b": MISTRAL3, "qwen3_4b": QWEN3, "qwen3_8b": QWEN3
 
 # (prefix of the decoder in the file, rules mapping file prefixes to ours, layout name)
 _CANDIDATES: list[tuple[str, tuple[tuple[str, str], ...], str]] = [
-    ("model.language_model.", (("model.language_model.", "model."), ("model.vision_tower.", "vision_tower."),
-                               ("model.multi_modal_projector.", "multi_modal_projector."),
-                               ("lm_head.", "lm_head.")), "hf-mistral3"),
-    ("language_model.model.", (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                               ("vision_tower.", "vision_tower."),
-                               ("multi_modal_projector.", "multi_modal_projector.")), "hf-mistral3-legacy"),
+    (
+        "model.language_model.",
+        (
+            ("model.language_model.", "model."),
+            ("model.vision_tower.", "vision_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+            ("lm_head.", "lm_head."),
+        ),
+        "hf-mistral3",
+    ),
+    (
+        "language_model.model.",
+        (
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("vision_tower.", "vision_tower."),
+            ("multi_modal_projector.", "multi_modal_projector."),
+        ),
+        "hf-mistral3-legacy",
+    ),
     ("model.", (("model.", "model."), ("lm_head.", "lm_head.")), "decoder"),
 ] + [
-    (f"text_encoders.{n}.transformer.model.",
-     ((f"text_encoders.{n}.transformer.model.", "model."), (f"text_encoders.{n}.transformer.lm_head.", "lm_head.")),
-     "comfyui-bundled")
+    (
+        f"text_encoders.{n}.transformer.model.",
+        (
+            (f"text_encoders.{n}.transformer.model.", "model."),
+            (f"text_encoders.{n}.transformer.lm_head.", "lm_head."),
+        ),
+        "comfyui-bundled",
+    )
     for n in _BUNDLED_NAMES
 ]
 
 _FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_TE_FIX = ("Choose a FLUX.2 text encoder: mistral_3_small_flux2_*.safetensors (or a FLUX.2-dev text_encoder/ "
-           "folder) for [dev], qwen_3_4b.safetensors / qwen_3_8b*.safetensors (or a FLUX.2-klein "
-           "text_encoder/ folder) for [klein].")
+_TE_FIX = (
+    "Choose a FLUX.2 text encoder: mistral_3_small_flux2_*.safetensors (or a FLUX.2-dev text_encoder/ "
+    "folder) for [dev], qwen_3_4b.safetensors / qwen_3_8b*.safetensors (or a FLUX.2-klein "
+    "text_encoder/ folder) for [klein]."
+)
 
 
 @dataclass
@@ -85,7 +106,7 @@ class TextEncoderLayout:
     def our_name(self, key: str) -> str | None:
         for src, dst in self.rules:
             if key.startswith(src):
-                return dst + key[len(src):]
+                return dst + key[len(src) :]
         return None
 
 
@@ -96,7 +117,8 @@ def _diagnose_wrong_file(path: str, keys: list[str]) -> CheckpointError:
         return re.search(pattern, joined, re.MULTILINE) is not None
 
     if has(r"(^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.") or has(
-            r"^model\.diffusion_model\."):
+        r"^model\.diffusion_model\."
+    ):
         what = "a diffusion transformer (e.g. a FLUX.2 model file), not a text encoder"
     elif has(r"^(decoder\.conv_in|encoder\.conv_in|bn\.running_mean|decoder\.up)"):
         what = "a VAE, not a text encoder"
@@ -129,7 +151,9 @@ def _read_hf_config(path: str) -> dict:
                 with open(cand, encoding="utf-8") as f:
                     return json.load(f)
             except (OSError, ValueError) as e:
-                raise CheckpointError(cand, f"cannot be read as JSON ({e}).", "Download config.json again.") from None
+                raise CheckpointError(
+                    cand, f"cannot be read as JSON ({e}).", "Download config.json again."
+                ) from None
     return {}
 
 
@@ -176,35 +200,50 @@ def detect_layout(reader, path: str | os.PathLike) -> TextEncoderLayout:
     if name == "comfyui-bundled":
         kind = _BUNDLED_NAMES[dec.split(".")[1]]
     if text_cfg.get("model_type") not in (None, "mistral", "qwen3", "mistral3"):
-        raise CheckpointError(path, f"is a '{text_cfg['model_type']}' model, not Mistral Small 3.x or Qwen3.", _TE_FIX)
+        raise CheckpointError(
+            path, f"is a '{text_cfg['model_type']}' model, not Mistral Small 3.x or Qwen3.", _TE_FIX
+        )
 
     try:
         n_layers = _layer_count(keys, dec)
     except ValueError as e:
         raise CheckpointError(path, f"is incomplete: {e}.", "Download the file again.") from None
     vocab, hidden = reader.shape(f"{dec}embed_tokens.weight")
-    family_vocab = {MISTRAL3: DECODER_PRESETS["mistral-small-3.2-24b"].vocab_size,
-                    QWEN3: DECODER_PRESETS["qwen3-4b"].vocab_size}[kind]
+    family_vocab = {
+        MISTRAL3: DECODER_PRESETS["mistral-small-3.2-24b"].vocab_size,
+        QWEN3: DECODER_PRESETS["qwen3-4b"].vocab_size,
+    }[kind]
     if vocab != family_vocab:  # e.g. Llama 3 (128256) or Gemma 3 (262144) have the same key names
-        raise CheckpointError(path, f"is a language model with a {vocab}-token vocabulary, not "
-                              f"{'Mistral Small 3.x' if kind == MISTRAL3 else 'Qwen3'} ({family_vocab}).", _TE_FIX)
+        raise CheckpointError(
+            path,
+            f"is a language model with a {vocab}-token vocabulary, not "
+            f"{'Mistral Small 3.x' if kind == MISTRAL3 else 'Qwen3'} ({family_vocab}).",
+            _TE_FIX,
+        )
     head_dim = _infer_head_dim(kind, reader, dec, hidden, text_cfg)
     q_out = reader.shape(f"{dec}layers.0.self_attn.q_proj.weight")[0]
     kv_out = reader.shape(f"{dec}layers.0.self_attn.k_proj.weight")[0]
-    preset = DECODER_PRESETS["mistral-small-3.2-24b" if kind == MISTRAL3 else
-                             ("qwen3-8b" if hidden == 4096 else "qwen3-4b")]
+    preset = DECODER_PRESETS[
+        "mistral-small-3.2-24b" if kind == MISTRAL3 else ("qwen3-8b" if hidden == 4096 else "qwen3-4b")
+    ]
     lm_key = next((src for src, dst in rules if dst == "lm_head."), "lm_head.") + "weight"
     has_lm_head = lm_key in keyset
     tie = text_cfg.get("tie_word_embeddings", hf_cfg.get("tie_word_embeddings"))
     if tie is None:  # single files carry no config: only Qwen3-4B (width 2560) ties its head
         tie = kind == QWEN3 and hidden == 2560 and not has_lm_head
     shape = DecoderShape(
-        vocab_size=vocab, hidden_size=hidden,
+        vocab_size=vocab,
+        hidden_size=hidden,
         intermediate_size=reader.shape(f"{dec}layers.0.mlp.gate_proj.weight")[0],
-        num_hidden_layers=n_layers, num_attention_heads=q_out // head_dim,
-        num_key_value_heads=kv_out // head_dim, head_dim=head_dim,
-        rope_theta=float(text_cfg.get("rope_theta") or (text_cfg.get("rope_parameters") or {}).get("rope_theta")
-                         or preset.rope_theta),
+        num_hidden_layers=n_layers,
+        num_attention_heads=q_out // head_dim,
+        num_key_value_heads=kv_out // head_dim,
+        head_dim=head_dim,
+        rope_theta=float(
+            text_cfg.get("rope_theta")
+            or (text_cfg.get("rope_parameters") or {}).get("rope_theta")
+            or preset.rope_theta
+        ),
         rms_norm_eps=float(text_cfg.get("rms_norm_eps", preset.rms_norm_eps)),
         max_position_embeddings=int(text_cfg.get("max_position_embeddings", preset.max_position_embeddings)),
         tie_word_embeddings=bool(tie),
@@ -218,22 +257,45 @@ def detect_layout(reader, path: str | os.PathLike) -> TextEncoderLayout:
         if qconf in keyset:
             fmt = json.loads(bytes(reader.get(qconf).tolist()).decode("utf-8")).get("format")
             if fmt not in ("float8_e4m3fn", "float8_e5m2"):
-                raise CheckpointError(path, f"uses the '{fmt}' quantisation, which this loader cannot read.",
-                                      "Use the bf16 or fp8 version of the text encoder.")
+                raise CheckpointError(
+                    path,
+                    f"uses the '{fmt}' quantisation, which this loader cannot read.",
+                    "Use the bf16 or fp8 version of the text encoder.",
+                )
     elif reader.dtype(w0) == torch.uint8 or f"{dec}layers.0.self_attn.q_proj.weight_scale_2" in keyset:
-        raise CheckpointError(path, "stores 4-bit (NVFP4 / fp4_mixed) weights, which this loader cannot read.",
-                              "Use the bf16 or fp8 version of the text encoder.")
+        raise CheckpointError(
+            path,
+            "stores 4-bit (NVFP4 / fp4_mixed) weights, which this loader cannot read.",
+            "Use the bf16 or fp8 version of the text encoder.",
+        )
 
     vis_prefix = next((src for src, dst in rules if dst == "vision_tower."), None)
     has_vision = vis_prefix is not None and f"{vis_prefix}patch_conv.weight" in keyset
     if has_vision and not hf_cfg.get("vision_config"):
-        logger.warning("%s: vision tower found but no config.json with a vision_config; images are ignored.", path)
+        logger.warning(
+            "%s: vision tower found but no config.json with a vision_config; images are ignored.", path
+        )
         has_vision = False
     tekken_key = next((k for k in keys if k == "tekken_model" or k.endswith(".tekken_model")), None)
-    layout = TextEncoderLayout(kind=kind, name=name, rules=rules, shape=shape, quant=quant,
-                               has_lm_head=has_lm_head, has_vision=has_vision, tekken_key=tekken_key,
-                               hf_config=text_cfg,
-                               vlm_config=hf_cfg if has_vision else None)
-    logger.info("text encoder %s: %s, layout %s, %d layers, width %d%s", path, kind, name, n_layers, hidden,
-                f", {quant}" if quant else "")
+    layout = TextEncoderLayout(
+        kind=kind,
+        name=name,
+        rules=rules,
+        shape=shape,
+        quant=quant,
+        has_lm_head=has_lm_head,
+        has_vision=has_vision,
+        tekken_key=tekken_key,
+        hf_config=text_cfg,
+        vlm_config=hf_cfg if has_vision else None,
+    )
+    logger.info(
+        "text encoder %s: %s, layout %s, %d layers, width %d%s",
+        path,
+        kind,
+        name,
+        n_layers,
+        hidden,
+        f", {quant}" if quant else "",
+    )
     return layout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,11 +34,21 @@ def _text_config(layout: TextEncoderLayout, n_layers: int):
     from transformers import MistralConfig, Qwen3Config
 
     s = layout.shape
-    common = dict(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                  num_hidden_layers=n_layers, num_attention_heads=s.num_attention_heads,
-                  num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim, rope_theta=s.rope_theta,
-                  rms_norm_eps=s.rms_norm_eps, max_position_embeddings=s.max_position_embeddings,
-                  tie_word_embeddings=s.tie_word_embeddings, attention_dropout=0.0, hidden_act="silu")
+    common = dict(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=n_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads,
+        head_dim=s.head_dim,
+        rope_theta=s.rope_theta,
+        rms_norm_eps=s.rms_norm_eps,
+        max_position_embeddings=s.max_position_embeddings,
+        tie_word_embeddings=s.tie_word_embeddings,
+        attention_dropout=0.0,
+        hidden_act="silu",
+    )
     if layout.kind == MISTRAL3:
         cfg = MistralConfig(sliding_window=None, **common)
     else:
@@ -59,8 +70,9 @@ def _name_map(reader, layout: TextEncoderLayout) -> dict[str, str]:
     return out
 
 
-def _assign(module: nn.Module, prefix: str, names: dict[str, str], reader, dtype: torch.dtype,
-            path: str) -> None:
+def _assign(
+    module: nn.Module, prefix: str, names: dict[str, str], reader, dtype: torch.dtype, path: str
+) -> None:
     """Assign the file's tensors to every parameter/persistent buffer of ``module`` (strict)."""
     fp8_modules = {n for n, m in module.named_modules() if isinstance(m, Fp8Linear)}
     state = {}
@@ -82,13 +94,19 @@ def _assign(module: nn.Module, prefix: str, names: dict[str, str], reader, dtype
         else:
             state[local] = t.to(dtype)
     if missing:
-        raise CheckpointError(path, f"is missing {len(missing)} tensor(s) the model needs, e.g. "
-                              f"{sorted(missing)[:8]}.", "Download the complete text-encoder file(s).")
+        raise CheckpointError(
+            path,
+            f"is missing {len(missing)} tensor(s) the model needs, e.g. {sorted(missing)[:8]}.",
+            "Download the complete text-encoder file(s).",
+        )
     try:
         module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise CheckpointError(path, f"has tensors whose shapes do not fit the inferred model: {e}",
-                              "The file is damaged or not a Mistral Small 3.x / Qwen3 text encoder.") from None
+        raise CheckpointError(
+            path,
+            f"has tensors whose shapes do not fit the inferred model: {e}",
+            "The file is damaged or not a Mistral Small 3.x / Qwen3 text encoder.",
+        ) from None
 
 
 def _fresh_rotary(model: nn.Module, device: torch.device | str) -> None:
@@ -103,9 +121,14 @@ def _tekken_bytes(reader, layout: TextEncoderLayout) -> bytes | None:
     return reader.get(layout.tekken_key).contiguous().numpy().tobytes()
 
 
-def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                      dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                      cache=EMBEDDING_CACHE) -> Flux2TextEncoder:
+def load_text_encoder(
+    path: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+    cache=EMBEDDING_CACHE,
+    fallback_tokenizers: Sequence[str | os.PathLike] = (),
+) -> Flux2TextEncoder:
     """Load a FLUX.2 text encoder (Mistral Small 3.x for [dev], Qwen3 4B/8B for [klein]).
 
     Args:
@@ -117,6 +140,8 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
         dtype: compute dtype (FP8-stored Linear weights stay FP8 and are dequantized to it per layer).
         device: where the weights live.
         cache: embedding cache to use (``None`` disables caching).
+        fallback_tokenizers: tokenizer folders tried last when none is given or found next to the model
+            (ComfyUI's Qwen3 files carry no tokenizer; the nodes pass ComfyUI's bundled Qwen BPE files).
 
     Returns:
         A ``Flux2TextEncoder`` holding only the decoder layers FLUX.2 reads (30 or 27).
@@ -132,9 +157,18 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
     spec = TextEncoderSpec.for_kind(layout.kind)
     n_file = layout.shape.num_hidden_layers
     if n_file < spec.layers_needed:
-        raise CheckpointError(root, f"has {n_file} decoder layers; FLUX.2 reads layer {spec.layers_needed}.",
-                              "Use the complete text-encoder file.")
-    prompt_tok = load_prompt_tokenizer(layout.kind, root, tokenizer, tekken_bytes=_tekken_bytes(reader, layout))
+        raise CheckpointError(
+            root,
+            f"has {n_file} decoder layers; FLUX.2 reads layer {spec.layers_needed}.",
+            "Use the complete text-encoder file.",
+        )
+    prompt_tok = load_prompt_tokenizer(
+        layout.kind,
+        root,
+        tokenizer,
+        tekken_bytes=_tekken_bytes(reader, layout),
+        fallback_dirs=fallback_tokenizers,
+    )
     names = _name_map(reader, layout)
 
     cfg = _text_config(layout, n_file)
@@ -142,13 +176,19 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
         model = (MistralModel if layout.kind == MISTRAL3 else Qwen3Model)(cfg)
     model.eval().requires_grad_(False)
     # Linears stored as float8 (all of them in ComfyUI's fp8 files, some in "mixed" ones) stay float8.
-    swap_fp8_linears(model.layers, lambda name: reader.dtype(names[f"model.layers.{name}.weight"])
-                     if f"model.layers.{name}.weight" in names else None)
+    swap_fp8_linears(
+        model.layers,
+        lambda name: (
+            reader.dtype(names[f"model.layers.{name}.weight"])
+            if f"model.layers.{name}.weight" in names
+            else None
+        ),
+    )
     # The final norm only matters for generation; ComfyUI's pruned [dev] file has no use for (or copy of) it.
     has_final_norm = "model.norm.weight" in names
     if not has_final_norm:
         model.norm = nn.Identity()
-    later = list(model.layers[spec.layers_needed:])
+    later = list(model.layers[spec.layers_needed :])
     model.layers = nn.ModuleList(list(model.layers[: spec.layers_needed]))
     _assign(model, "model.", names, reader, dtype, root)
     _fresh_rotary(model, "cpu")
@@ -157,10 +197,19 @@ def load_text_encoder(path: str | os.PathLike, tokenizer: str | os.PathLike | No
     encoder = Flux2TextEncoder(spec, model, prompt_tok, identity=file_identity(files), cache=cache)
     encoder.checkpoint_layout, encoder.quant = layout.name, layout.quant
     encoder.to(device)
-    encoder._complete_for_generation = _make_completer(reader, layout, names, later, dtype, root, has_final_norm)
+    encoder._complete_for_generation = _make_completer(
+        reader, layout, names, later, dtype, root, has_final_norm
+    )
     encoder.weight_source = EncoderWeightSource(reader, names)
-    logger.info("loaded %s text encoder from %s (%s layout, %d of %d layers, context %d)", layout.kind, root,
-                layout.name, spec.layers_needed, n_file, encoder.context_dim)
+    logger.info(
+        "loaded %s text encoder from %s (%s layout, %d of %d layers, context %d)",
+        layout.kind,
+        root,
+        layout.name,
+        spec.layers_needed,
+        n_file,
+        encoder.context_dim,
+    )
     return encoder
 
 
@@ -186,8 +235,15 @@ class EncoderWeightSource:
             out.copy_(self.reader.get(key).reshape(out.shape).to(out.dtype))
 
 
-def _make_completer(reader, layout: TextEncoderLayout, names: dict[str, str], later: list[nn.Module],
-                    dtype: torch.dtype, root: str, has_final_norm: bool):
+def _make_completer(
+    reader,
+    layout: TextEncoderLayout,
+    names: dict[str, str],
+    later: list[nn.Module],
+    dtype: torch.dtype,
+    root: str,
+    has_final_norm: bool,
+):
     """A one-shot loader of what generation needs on top of encoding."""
     state = {"done": False}
 
@@ -195,12 +251,18 @@ def _make_completer(reader, layout: TextEncoderLayout, names: dict[str, str], la
         if state["done"]:
             return
         if layout.kind == MISTRAL3 and layout.shape.num_hidden_layers < 40:
-            raise CheckpointError(root, f"is the pruned {layout.shape.num_hidden_layers}-layer [dev] encoder, "
-                                  "which can embed prompts but cannot write text.",
-                                  "Use the full mistral_3_small_flux2 file (40 layers) for prompt upsampling.")
+            raise CheckpointError(
+                root,
+                f"is the pruned {layout.shape.num_hidden_layers}-layer [dev] encoder, "
+                "which can embed prompts but cannot write text.",
+                "Use the full mistral_3_small_flux2 file (40 layers) for prompt upsampling.",
+            )
         if not has_final_norm:
-            raise CheckpointError(root, "has no final norm (model.norm.weight), so it cannot write text.",
-                                  "Use the complete text-encoder file for prompt upsampling.")
+            raise CheckpointError(
+                root,
+                "has no final norm (model.norm.weight), so it cannot write text.",
+                "Use the complete text-encoder file for prompt upsampling.",
+            )
         model = encoder.model
         device = encoder.device
         first = len(model.layers)
@@ -212,8 +274,11 @@ def _make_completer(reader, layout: TextEncoderLayout, names: dict[str, str], la
         elif layout.shape.tie_word_embeddings:
             head.weight = model.embed_tokens.weight
         else:
-            raise CheckpointError(root, "has no output head (lm_head.weight), so it cannot write text.",
-                                  "Use the full model (e.g. the Hugging Face text_encoder/ folder) for upsampling.")
+            raise CheckpointError(
+                root,
+                "has no output head (lm_head.weight), so it cannot write text.",
+                "Use the full model (e.g. the Hugging Face text_encoder/ folder) for upsampling.",
+            )
         vision = projector = None
         if layout.vlm_config is not None:
             from transformers import AutoModel, Mistral3Config

@@ -22,8 +22,17 @@ MISTRAL3_SYSTEM_PROMPT = (
 
 # Mistral "tekken" control-token ids of the Small 3.x tokenizers (also ComfyUI's start 1 / pad 11).
 MISTRAL3_SPECIAL_IDS = {
-    "<unk>": 0, "<s>": 1, "</s>": 2, "[INST]": 3, "[/INST]": 4, "[IMG]": 10, "<pad>": 11,
-    "[IMG_BREAK]": 12, "[IMG_END]": 13, "[SYSTEM_PROMPT]": 17, "[/SYSTEM_PROMPT]": 18,
+    "<unk>": 0,
+    "<s>": 1,
+    "</s>": 2,
+    "[INST]": 3,
+    "[/INST]": 4,
+    "[IMG]": 10,
+    "<pad>": 11,
+    "[IMG_BREAK]": 12,
+    "[IMG_END]": 13,
+    "[SYSTEM_PROMPT]": 17,
+    "[/SYSTEM_PROMPT]": 18,
 }
 
 # [klein] prompt template: Qwen3 chat template with one user turn, thinking disabled.

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,15 +29,38 @@ from .spec import MISTRAL3, MISTRAL3_SPECIAL_IDS, QWEN3, QWEN3_PAD_ID, QWEN3_TEM
 logger = logging.getLogger(__name__)
 
 # Qwen2/Qwen3 pre-tokenizer split (from the published tokenizer.json).
-_QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Control tokens of Qwen3 (ids 151643-151668), used when only vocab.json + merges.txt are given.
 _QWEN_SPECIALS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 
 
@@ -60,7 +84,7 @@ def _to_unicode(token: bytes) -> str:
 
 def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[bytes]:
     """Byte-level BPE of ``token`` using only merges whose result ranks below ``max_rank``."""
-    parts = [token[i:i + 1] for i in range(len(token))]
+    parts = [token[i : i + 1] for i in range(len(token))]
     while len(parts) > 1:
         best, best_rank = -1, max_rank
         for i in range(len(parts) - 1):
@@ -69,7 +93,7 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
                 best, best_rank = i, r
         if best < 0:
             break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
 
 
@@ -95,8 +119,11 @@ def tekken_tokenizer(data: bytes | str | dict, source: str = "tekken.json") -> T
         entries = tk["vocab"][: vocab_size - n_special]
         ranked = [base64.b64decode(e["token_bytes"]) for e in entries]
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(source, f"is not a Mistral tekken tokenizer JSON ({type(e).__name__}: {e}).",
-                              "Use the tekken.json of Mistral Small 3.x.") from None
+        raise CheckpointError(
+            source,
+            f"is not a Mistral tekken tokenizer JSON ({type(e).__name__}: {e}).",
+            "Use the tekken.json of Mistral Small 3.x.",
+        ) from None
     ranks = {b: i for i, b in enumerate(ranked)}
     vocab = {_to_unicode(b): i + n_special for i, b in enumerate(ranked)}
     merges = []
@@ -112,10 +139,12 @@ def tekken_tokenizer(data: bytes | str | dict, source: str = "tekken.json") -> T
     for i, s in enumerate(specials):
         vocab[s] = i
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
     return tok
@@ -126,15 +155,20 @@ def qwen_tokenizer_from_vocab(vocab_path: str | os.PathLike, merges_path: str | 
     bpe = models.BPE.from_file(os.fspath(vocab_path), os.fspath(merges_path), fuse_unk=False)
     tok = Tokenizer(bpe)
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_QWEN_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     n = tok.get_vocab_size(with_added_tokens=False)
     if n != QWEN3_PAD_ID:
-        raise CheckpointError(vocab_path, f"has {n} entries; the Qwen3 vocabulary has {QWEN3_PAD_ID}.",
-                              "Use the vocab.json and merges.txt of Qwen2.5/Qwen3.")
+        raise CheckpointError(
+            vocab_path,
+            f"has {n} entries; the Qwen3 vocabulary has {QWEN3_PAD_ID}.",
+            "Use the vocab.json and merges.txt of Qwen2.5/Qwen3.",
+        )
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in _QWEN_SPECIALS])
     return tok
 
@@ -164,7 +198,9 @@ class PromptTokenizer:
             return MISTRAL3_SPECIAL_IDS[name]
         idx = self.tokenizer.token_to_id(name)
         if idx is None:
-            raise CheckpointError(self.source, f"has no '{name}' token.", "Use the tokenizer of the encoder model.")
+            raise CheckpointError(
+                self.source, f"has no '{name}' token.", "Use the tokenizer of the encoder model."
+            )
         return idx
 
     def text_ids(self, text: str) -> list[int]:
@@ -181,15 +217,21 @@ class PromptTokenizer:
             from .spec import MISTRAL3_SYSTEM_PROMPT
 
             sp = MISTRAL3_SPECIAL_IDS
-            return ([sp["<s>"], sp["[SYSTEM_PROMPT]"]] + self.text_ids(system or MISTRAL3_SYSTEM_PROMPT)
-                    + [sp["[/SYSTEM_PROMPT]"], sp["[INST]"]] + self.text_ids(prompt.replace("[IMG]", ""))
-                    + [sp["[/INST]"]])
+            return (
+                [sp["<s>"], sp["[SYSTEM_PROMPT]"]]
+                + self.text_ids(system or MISTRAL3_SYSTEM_PROMPT)
+                + [sp["[/SYSTEM_PROMPT]"], sp["[INST]"]]
+                + self.text_ids(prompt.replace("[IMG]", ""))
+                + [sp["[/INST]"]]
+            )
         text = QWEN3_TEMPLATE.format(prompt)
         if system:
             text = f"<|im_start|>system\n{system}<|im_end|>\n" + text
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def chat_ids(self, system: str, user: str, image_token_grids: list[tuple[int, int]] | None = None) -> list[int]:
+    def chat_ids(
+        self, system: str, user: str, image_token_grids: list[tuple[int, int]] | None = None
+    ) -> list[int]:
         """Ids of a system + user chat ending where the assistant answer starts (for generation).
 
         Args:
@@ -198,11 +240,17 @@ class PromptTokenizer:
             image_token_grids: Mistral only: (rows, cols) of image tokens per image, placed before the text.
         """
         if self.kind == QWEN3:
-            text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+            text = (
+                f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+            )
             return self.tokenizer.encode(text, add_special_tokens=False).ids
         sp = MISTRAL3_SPECIAL_IDS
-        ids = [sp["<s>"], sp["[SYSTEM_PROMPT]"]] + self.text_ids(system) + [sp["[/SYSTEM_PROMPT]"], sp["[INST]"]]
+        ids = (
+            [sp["<s>"], sp["[SYSTEM_PROMPT]"]]
+            + self.text_ids(system)
+            + [sp["[/SYSTEM_PROMPT]"], sp["[INST]"]]
+        )
         for rows, cols in image_token_grids or []:
             # Pixtral layout: each row of [IMG] tokens ends with [IMG_BREAK], the last one with [IMG_END].
             for r in range(rows):
@@ -254,18 +302,25 @@ def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str] | None:
     return None
 
 
-def load_prompt_tokenizer(kind: str, model_path: str | os.PathLike, tokenizer: str | os.PathLike | None = None,
-                          tekken_bytes: bytes | None = None) -> PromptTokenizer:
+def load_prompt_tokenizer(
+    kind: str,
+    model_path: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    tekken_bytes: bytes | None = None,
+    fallback_dirs: Sequence[str | os.PathLike] = (),
+) -> PromptTokenizer:
     """Find and load the tokenizer of a text encoder.
 
     Search order: the explicit ``tokenizer`` (file or folder); for Mistral the tekken bytes embedded
-    in ComfyUI's file; then ``<pipeline>/tokenizer/``, ``tokenizer/`` and the model's own folder.
+    in ComfyUI's file; then ``<pipeline>/tokenizer/``, ``tokenizer/`` and the model's own folder; then
+    ``fallback_dirs`` (e.g. the Qwen BPE files a host application ships for weight files that carry none).
 
     Args:
         kind: ``"mistral3"`` or ``"qwen3"``.
         model_path: the text-encoder file or folder.
         tokenizer: optional explicit ``tekken.json`` / ``tokenizer.json`` file or tokenizer folder.
         tekken_bytes: tekken JSON bytes carried inside the checkpoint, if any.
+        fallback_dirs: tokenizer folders searched last, only when nothing was found next to the model.
 
     Raises:
         CheckpointError: nothing usable found (the message lists where it looked).
@@ -282,19 +337,28 @@ def load_prompt_tokenizer(kind: str, model_path: str | os.PathLike, tokenizer: s
             return PromptTokenizer(kind, Tokenizer.from_file(str(t)), str(t))
         if t.is_dir() and (found := _from_dir(kind, t)):
             return PromptTokenizer(kind, found[0], found[1])
-        raise CheckpointError(t, "is not a usable tokenizer file or folder.",
-                              "Point it at tekken.json (Mistral), tokenizer.json, or a folder with vocab.json "
-                              "+ merges.txt (Qwen3).")
+        raise CheckpointError(
+            t,
+            "is not a usable tokenizer file or folder.",
+            "Point it at tekken.json (Mistral), tokenizer.json, or a folder with vocab.json "
+            "+ merges.txt (Qwen3).",
+        )
     if kind == MISTRAL3 and tekken_bytes is not None:
-        return PromptTokenizer(kind, _tekken_cached(tekken_bytes, str(model_path)),
-                               f"{model_path} (embedded tekken_model)")
-    for d in _candidate_dirs(model_path):
+        return PromptTokenizer(
+            kind, _tekken_cached(tekken_bytes, str(model_path)), f"{model_path} (embedded tekken_model)"
+        )
+    for d in [*_candidate_dirs(model_path), *map(Path, fallback_dirs)]:
         looked.append(str(d))
         if d.is_dir() and (found := _from_dir(kind, d)):
             return PromptTokenizer(kind, found[0], found[1])
-    wanted = ("tekken.json or tokenizer.json" if kind == MISTRAL3 else "tokenizer.json, or vocab.json + merges.txt")
+    wanted = (
+        "tekken.json or tokenizer.json" if kind == MISTRAL3 else "tokenizer.json, or vocab.json + merges.txt"
+    )
     where = "; ".join(looked)
     embedded = " The file carries no embedded 'tekken_model' either." if kind == MISTRAL3 else ""
-    raise CheckpointError(model_path, f"has no {kind} tokenizer: looked for {wanted} in: {where}.{embedded}",
-                          "Put the model's tokenizer files next to it (or in a 'tokenizer' folder), or pass the "
-                          "tokenizer path explicitly.")
+    raise CheckpointError(
+        model_path,
+        f"has no {kind} tokenizer: looked for {wanted} in: {where}.{embedded}",
+        "Put the model's tokenizer files next to it (or in a 'tokenizer' folder), or pass the "
+        "tokenizer path explicitly.",
+    )

@@ -70,7 +70,7 @@ def _split_batches(images: Sequence | None) -> list:
     out = []
     for im in images or []:
         if isinstance(im, (torch.Tensor, np.ndarray)) and im.ndim == 4:
-            out.extend(im[i: i + 1] for i in range(im.shape[0]))
+            out.extend(im[i : i + 1] for i in range(im.shape[0]))
         else:
             out.append(im)
     return out
@@ -82,7 +82,7 @@ def _join_side_by_side(images: list[torch.Tensor]) -> torch.Tensor:
     canvas = torch.ones(3, height, sum(im.shape[2] for im in images))
     x = 0
     for im in images:
-        canvas[:, : im.shape[1], x: x + im.shape[2]] = im
+        canvas[:, : im.shape[1], x : x + im.shape[2]] = im
         x += im.shape[2]
     return canvas
 
@@ -103,13 +103,17 @@ def prepare_vlm_image(images: Sequence, unit: int, max_pixels: int = _MAX_VLM_PI
     scale = min(1.0, math.sqrt(max_pixels / (h * w)))
     new_h = max(unit, round(h * scale / unit) * unit)
     new_w = max(unit, round(w * scale / unit) * unit)
-    pic = F.interpolate(pic[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    pic = F.interpolate(pic[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[
+        0
+    ]
     mean = torch.tensor(_PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(_PIXEL_STD).view(3, 1, 1)
     return (pic.clamp(0, 1) - mean) / std
 
 
-def build_upsample_inputs(encoder, prompt: str, images: Sequence | None = None) -> tuple[list[int], torch.Tensor]:
+def build_upsample_inputs(
+    encoder, prompt: str, images: Sequence | None = None
+) -> tuple[list[int], torch.Tensor]:
     """Token ids and input embeddings of the upsampling chat.
 
     Returns:
@@ -121,8 +125,11 @@ def build_upsample_inputs(encoder, prompt: str, images: Sequence | None = None) 
     tok = encoder.tokenizer
     use_images = bool(images) and encoder.kind == MISTRAL3 and encoder.vision_tower is not None
     if images and not use_images:
-        logger.warning("prompt upsampling with %s looks at text only; %d reference image(s) ignored.",
-                       "Qwen3" if encoder.kind != MISTRAL3 else "this file (no vision tower)", len(images))
+        logger.warning(
+            "prompt upsampling with %s looks at text only; %d reference image(s) ignored.",
+            "Qwen3" if encoder.kind != MISTRAL3 else "this file (no vision tower)",
+            len(images),
+        )
     system = SYSTEM_PROMPT_I2I if images else SYSTEM_PROMPT_T2I
     model = encoder.model
     if not use_images:
@@ -144,8 +151,10 @@ def build_upsample_inputs(encoder, prompt: str, images: Sequence | None = None) 
     embeds = model.embed_tokens(id_tensor)
     slots = id_tensor[0] == MISTRAL3_SPECIAL_IDS["[IMG]"]
     if int(slots.sum()) != feats.shape[0]:
-        raise InputError(f"the prompt is too long to fit the image tokens ({int(slots.sum())} of {feats.shape[0]} "
-                         "left); shorten the prompt.")
+        raise InputError(
+            f"the prompt is too long to fit the image tokens ({int(slots.sum())} of {feats.shape[0]} "
+            "left); shorten the prompt."
+        )
     embeds[0, slots] = feats.to(embeds.dtype)
     return ids, embeds
 
@@ -158,8 +167,9 @@ def _limit(ids: list[int], tok) -> list[int]:
 
 
 @torch.inference_mode()
-def generate_ids(encoder, embeds: torch.Tensor, seed: int = 0, max_new_tokens: int = 512,
-                 temperature: float = 0.15) -> list[int]:
+def generate_ids(
+    encoder, embeds: torch.Tensor, seed: int = 0, max_new_tokens: int = 512, temperature: float = 0.15
+) -> list[int]:
     """Sample up to ``max_new_tokens`` token ids after ``embeds`` (1, L, hidden), stopping at end-of-turn.
 
     A KV cache keeps each step at one token; the seeded CPU generator makes the result depend only
@@ -185,13 +195,21 @@ def generate_ids(encoder, embeds: torch.Tensor, seed: int = 0, max_new_tokens: i
         if nxt in encoder.tokenizer.eos_ids:
             break
         new.append(nxt)
-        out = model(input_ids=torch.tensor([[nxt]], device=encoder.device), past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=torch.tensor([[nxt]], device=encoder.device), past_key_values=cache, use_cache=True
+        )
     return new
 
 
 @torch.inference_mode()
-def upsample_prompt(encoder, prompt: str, images: Sequence | None = None, seed: int = 0,
-                    max_new_tokens: int = 512, temperature: float = 0.15) -> str:
+def upsample_prompt(
+    encoder,
+    prompt: str,
+    images: Sequence | None = None,
+    seed: int = 0,
+    max_new_tokens: int = 512,
+    temperature: float = 0.15,
+) -> str:
     """Generate a rewritten prompt with ``encoder``'s language model. See ``Flux2TextEncoder.upsample``."""
     encoder.ensure_generation_ready()
     _, embeds = build_upsample_inputs(encoder, prompt, images)

@@ -35,7 +35,9 @@ VAE_FILE = "flux2-vae.safetensors"
 MARKER = "flux2local-tiny-set.json"
 
 
-def write_tiny_model_set(models_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+def write_tiny_model_set(
+    models_dir: str | os.PathLike, seed: int = 0, overwrite: bool = False
+) -> dict[str, Path]:
     """Writes a full tiny random FLUX.2 set into ComfyUI's model folders.
 
     Files: every transformer variant in ``diffusion_models/`` (BFL, ComfyUI and ComfyUI-FP8 layouts),
@@ -97,10 +99,14 @@ def _context_dim(text_encoder_file: Path) -> int:
         for key in f.keys():
             if key.endswith("embed_tokens.weight"):
                 return 3 * f.get_slice(key).get_shape()[1]
-    raise ValueError(f"{text_encoder_file}: no embed_tokens.weight; not a tiny text encoder this function wrote.")
+    raise ValueError(
+        f"{text_encoder_file}: no embed_tokens.weight; not a tiny text encoder this function wrote."
+    )
 
 
 def _write_transformer(path: Path, variant: str, layout: str, seed: int, context_dim: int) -> Path:
     from .transformer import write_tiny_transformer
 
-    return Path(write_tiny_transformer(path, variant=variant, layout=layout, seed=seed, context_dim=context_dim))
+    return Path(
+        write_tiny_transformer(path, variant=variant, layout=layout, seed=seed, context_dim=context_dim)
+    )

@@ -27,7 +27,15 @@ from safetensors.torch import save_file
 log = logging.getLogger(__name__)
 
 KINDS = ("mistral3", "qwen3-4b", "qwen3-8b")
-LAYOUTS = ("comfyui", "comfyui-pruned", "comfyui-fp8", "comfyui-fp8-legacy", "comfyui-bundled", "hf", "hf-legacy")
+LAYOUTS = (
+    "comfyui",
+    "comfyui-pruned",
+    "comfyui-fp8",
+    "comfyui-fp8-legacy",
+    "comfyui-bundled",
+    "hf",
+    "hf-legacy",
+)
 _BUNDLED_NAME = {"mistral3": "mistral3_24b", "qwen3-4b": "qwen3_4b", "qwen3-8b": "qwen3_8b"}
 _FP8_MAX = 448.0  # largest float8_e4m3fn value
 
@@ -57,23 +65,53 @@ def tiny_reference_model(kind: str, seed: int = 0) -> torch.nn.Module:
 
     kind = _normalise_kind(kind)
     torch.manual_seed(seed)
-    common = dict(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, hidden_act="silu")
+    common = dict(
+        hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32, hidden_act="silu"
+    )
     if kind == "mistral3":
-        text = MistralConfig(vocab_size=131072, intermediate_size=128, num_hidden_layers=40, rope_theta=1e9,
-                             rms_norm_eps=1e-5, max_position_embeddings=4096, sliding_window=None,
-                             tie_word_embeddings=False, **common)
-        vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                     num_attention_heads=2, head_dim=16, patch_size=14, image_size=224)
-        config = Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2,
-                                image_token_index=10, tie_word_embeddings=False)
+        text = MistralConfig(
+            vocab_size=131072,
+            intermediate_size=128,
+            num_hidden_layers=40,
+            rope_theta=1e9,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            **common,
+        )
+        vision = PixtralVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            head_dim=16,
+            patch_size=14,
+            image_size=224,
+        )
+        config = Mistral3Config(
+            text_config=text,
+            vision_config=vision,
+            spatial_merge_size=2,
+            image_token_index=10,
+            tie_word_embeddings=False,
+        )
         model = Mistral3ForConditionalGeneration(config)
     else:
         # 4B ties its output head to the embeddings (as Qwen3-4B does); 8B has its own head. Both keep
         # hidden 64 so every tiny klein transformer fits either (context 192).
-        model = Qwen3ForCausalLM(Qwen3Config(
-            vocab_size=151936, intermediate_size=128 if kind == "qwen3-4b" else 160, num_hidden_layers=36,
-            rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=4096,
-            tie_word_embeddings=kind == "qwen3-4b", **common))
+        model = Qwen3ForCausalLM(
+            Qwen3Config(
+                vocab_size=151936,
+                intermediate_size=128 if kind == "qwen3-4b" else 160,
+                num_hidden_layers=36,
+                rope_theta=1e6,
+                rms_norm_eps=1e-6,
+                max_position_embeddings=4096,
+                tie_word_embeddings=kind == "qwen3-4b",
+                **common,
+            )
+        )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -100,8 +138,11 @@ def _decoder_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]
     """``model.*`` decoder keys (+ ``lm_head.weight`` when untied) of the tiny model."""
     sd = model.state_dict()
     if kind == "mistral3":
-        out = {"model." + k[len("model.language_model."):]: v for k, v in sd.items()
-               if k.startswith("model.language_model.")}
+        out = {
+            "model." + k[len("model.language_model.") :]: v
+            for k, v in sd.items()
+            if k.startswith("model.language_model.")
+        }
         out["lm_head.weight"] = sd["lm_head.weight"]
         return out
     out = {k: v for k, v in sd.items() if k.startswith("model.")}
@@ -118,8 +159,13 @@ def _default_tokenizer(kind: str) -> Path | None:
     return p if p.exists() else None
 
 
-def write_tiny_text_encoder(path: str | os.PathLike, kind: str = "qwen3-4b", layout: str = "comfyui", seed: int = 0,
-                            tokenizer: str | os.PathLike | None = None) -> Path:
+def write_tiny_text_encoder(
+    path: str | os.PathLike,
+    kind: str = "qwen3-4b",
+    layout: str = "comfyui",
+    seed: int = 0,
+    tokenizer: str | os.PathLike | None = None,
+) -> Path:
     """Write a tiny random FLUX.2 text encoder in a published layout.
 
     Args:
@@ -150,8 +196,11 @@ def write_tiny_text_encoder(path: str | os.PathLike, kind: str = "qwen3-4b", lay
         sd.pop("lm_head.weight")  # ComfyUI's [dev] encoder files are text-only embedders (no head)
     if layout == "comfyui-pruned":
         # 30 layers and no final norm: FLUX.2 reads the raw output of layer 30 (ComfyUI: final_norm=False).
-        sd = {k: v for k, v in sd.items() if k != "model.norm.weight"
-              and not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))}
+        sd = {
+            k: v
+            for k, v in sd.items()
+            if k != "model.norm.weight" and not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))
+        }
     if layout in ("comfyui-fp8", "comfyui-fp8-legacy"):
         for key in [k for k in sd if _is_decoder_linear(k)]:
             w8, scale = quantize_fp8(sd[key])
@@ -159,15 +208,19 @@ def write_tiny_text_encoder(path: str | os.PathLike, kind: str = "qwen3-4b", lay
             base = key[: -len(".weight")]
             if layout == "comfyui-fp8":
                 sd[base + ".weight_scale"] = scale
-                sd[base + ".comfy_quant"] = torch.tensor(list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8)
+                sd[base + ".comfy_quant"] = torch.tensor(
+                    list(b'{"format": "float8_e4m3fn"}'), dtype=torch.uint8
+                )
             else:
                 sd[base + ".scale_weight"] = scale
         if layout == "comfyui-fp8-legacy":
             sd["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
     if kind == "mistral3":
         if tok is None or not tok.is_file():
-            raise FileNotFoundError("a tekken.json is needed to write a ComfyUI Mistral file (it embeds the "
-                                    "tokenizer); run .ci/env.sh (FLUX2LOCAL_ASSETS) or pass tokenizer=")
+            raise FileNotFoundError(
+                "a tekken.json is needed to write a ComfyUI Mistral file (it embeds the "
+                "tokenizer); run .ci/env.sh (FLUX2LOCAL_ASSETS) or pass tokenizer="
+            )
         sd["tekken_model"] = torch.frombuffer(bytearray(tok.read_bytes()), dtype=torch.uint8)
     if layout == "comfyui-bundled":
         pre = f"text_encoders.{_BUNDLED_NAME[kind]}."
@@ -185,9 +238,13 @@ def _write_hf(root: Path, model: torch.nn.Module, kind: str, layout: str, tok: P
     if getattr(model.config, "tie_word_embeddings", False):
         sd.pop("lm_head.weight", None)
     if layout == "hf-legacy":
-        renames = (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                   ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."))
-        sd = {next((n + k[len(o):] for o, n in renames if k.startswith(o)), k): v for k, v in sd.items()}
+        renames = (
+            ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+            ("model.vision_tower.", "vision_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+        )
+        sd = {next((n + k[len(o) :] for o, n in renames if k.startswith(o)), k): v for k, v in sd.items()}
     keys = sorted(sd)
     half = len(keys) // 2
     weight_map = {}
@@ -197,7 +254,8 @@ def _write_hf(root: Path, model: torch.nn.Module, kind: str, layout: str, tok: P
         weight_map.update({k: name for k in part})
     total = sum(v.numel() * v.element_size() for v in sd.values())
     (te / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     model.config.to_json_file(str(te / "config.json"))
     if tok is not None:
         dst = root / "tokenizer"

@@ -34,13 +34,20 @@ FILE_NAMES = {
 COMFY_PREFIX = "model.diffusion_model."
 
 
-def tiny_config(variant: str = "klein-4b", depth: int = 2, depth_single: int = 2,
-                context_dim: int | None = None) -> Flux2Config:
+def tiny_config(
+    variant: str = "klein-4b", depth: int = 2, depth_single: int = 2, context_dim: int | None = None
+) -> Flux2Config:
     """A small config keeping the variant's flags: hidden 256 (2 heads of 128), context 96 (dev) / 64."""
     preset = Flux2Config.from_name(variant)
     ctx = context_dim or (96 if preset.guidance_embed else 64)
-    return preset.replace(variant="custom", hidden_size=256, num_heads=2, depth=depth,
-                          depth_single=depth_single, context_dim=ctx)
+    return preset.replace(
+        variant="custom",
+        hidden_size=256,
+        num_heads=2,
+        depth=depth,
+        depth_single=depth_single,
+        context_dim=ctx,
+    )
 
 
 def random_bfl_state_dict(config: Flux2Config, seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -65,7 +72,11 @@ def _quantized(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tens
         layer = k[: -len(".weight")]
         if layout == "nvfp4":
             q, block_scale, global_scale = quantize_nvfp4(w.float())
-            out[k], out[layer + ".weight_scale"], out[layer + ".weight_scale_2"] = q, block_scale, global_scale
+            out[k], out[layer + ".weight_scale"], out[layer + ".weight_scale_2"] = (
+                q,
+                block_scale,
+                global_scale,
+            )
             continue
         q, scale = quantize_fp8(w.float())
         input_scale = torch.tensor(0.05, dtype=torch.float32)
@@ -121,7 +132,12 @@ def write_tiny_transformer(
     name = FILE_NAMES[variant]
     if layout == "diffusers":
         return _write_diffusers(path / name, variant, sd, config)
-    suffix = {"bfl-fp8": "-fp8", "comfy-fp8": "_fp8mixed", "comfy-scaled-fp8": "_fp8_scaled", "nvfp4": "-nvfp4"}
+    suffix = {
+        "bfl-fp8": "-fp8",
+        "comfy-fp8": "_fp8mixed",
+        "comfy-scaled-fp8": "_fp8_scaled",
+        "nvfp4": "-nvfp4",
+    }
     file = path if path.suffix == ".safetensors" else path / f"{name}{suffix.get(layout, '')}.safetensors"
     file.parent.mkdir(parents=True, exist_ok=True)
     metadata = None
@@ -152,14 +168,26 @@ def _write_diffusers(folder: Path, variant: str, sd: dict[str, torch.Tensor], cf
     for fname, ks in shards.items():
         save_file({k: dsd[k].contiguous() for k in ks}, str(tdir / fname))
         weight_map.update(dict.fromkeys(ks, fname))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in dsd.values())},
-             "weight_map": weight_map}
+    index = {
+        "metadata": {"total_size": sum(t.numel() * t.element_size() for t in dsd.values())},
+        "weight_map": weight_map,
+    }
     (tdir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (tdir / "config.json").write_text(json.dumps({
-        "_class_name": "Flux2Transformer2DModel", "in_channels": 128, "num_layers": cfg.depth,
-        "num_single_layers": cfg.depth_single, "num_attention_heads": cfg.num_heads,
-        "attention_head_dim": 128, "joint_attention_dim": cfg.context_dim, "guidance_embeds": cfg.guidance_embed,
-    }, indent=1))
+    (tdir / "config.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "Flux2Transformer2DModel",
+                "in_channels": 128,
+                "num_layers": cfg.depth,
+                "num_single_layers": cfg.depth_single,
+                "num_attention_heads": cfg.num_heads,
+                "attention_head_dim": 128,
+                "joint_attention_dim": cfg.context_dim,
+                "guidance_embeds": cfg.guidance_embed,
+            },
+            indent=1,
+        )
+    )
     index_json = {"_class_name": "Flux2Pipeline" if variant == "dev" else "Flux2KleinPipeline"}
     if variant != "dev":
         index_json["is_distilled"] = "base" not in variant

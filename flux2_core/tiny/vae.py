@@ -57,7 +57,8 @@ def _diffusers_config(cfg: Flux2VAEConfig) -> dict:
         "down_block_types": ["DownEncoderBlock2D"] * n,
         "up_block_types": ["UpDecoderBlock2D"] * n,
         "block_out_channels": list(cfg.encoder_widths),
-        "decoder_block_out_channels": None if cfg.decoder_widths == cfg.encoder_widths
+        "decoder_block_out_channels": None
+        if cfg.decoder_widths == cfg.encoder_widths
         else list(cfg.decoder_widths),
         "layers_per_block": cfg.num_res_blocks,
         "act_fn": "silu",
@@ -73,8 +74,13 @@ def _diffusers_config(cfg: Flux2VAEConfig) -> dict:
     }
 
 
-def write_tiny_vae(dest: str | os.PathLike, layout: str = "bfl", seed: int = 0,
-                   config: Flux2VAEConfig | None = None, dtype: torch.dtype = torch.float32) -> Path:
+def write_tiny_vae(
+    dest: str | os.PathLike,
+    layout: str = "bfl",
+    seed: int = 0,
+    config: Flux2VAEConfig | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Path:
     """Write a tiny random FLUX.2 VAE.
 
     Args:

@@ -67,7 +67,7 @@ def is_attention_projection(key: str) -> bool:
 def strip_prefix(keys: list[str]) -> tuple[str, list[str]]:
     """Find a ComfyUI prefix shared by the VAE keys; returns (prefix or "", keys without it)."""
     for prefix in COMFY_PREFIXES:
-        inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+        inner = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
         if any(k.startswith(("encoder.", "decoder.")) for k in inner):
             return prefix, inner
     return "", list(keys)

@@ -17,27 +17,36 @@ from .model import Flux2VAE
 
 logger = logging.getLogger(__name__)
 
-_FIX_PICK_VAE = ("Select the FLUX.2 VAE: 'ae.safetensors' from a FLUX.2 repo, ComfyUI's "
-                 "'flux2-vae.safetensors', or a diffusers FLUX.2 folder (with 'vae/').")
+_FIX_PICK_VAE = (
+    "Select the FLUX.2 VAE: 'ae.safetensors' from a FLUX.2 repo, ComfyUI's "
+    "'flux2-vae.safetensors', or a diffusers FLUX.2 folder (with 'vae/')."
+)
 
 
 def _refuse_foreign(path: str, keys: list[str], get_shape) -> None:
     """Raise a CheckpointError that names what the file is when it is not a FLUX.2 VAE."""
     ks = set(keys)
-    if any(k.endswith(("img_in.weight", "x_embedder.weight", "double_stream_modulation_img.lin.weight"))
-           or k.startswith("model.diffusion_model.") for k in ks):
+    if any(
+        k.endswith(("img_in.weight", "x_embedder.weight", "double_stream_modulation_img.lin.weight"))
+        or k.startswith("model.diffusion_model.")
+        for k in ks
+    ):
         raise CheckpointError(path, "is a diffusion transformer, not a VAE.", _FIX_PICK_VAE)
     if any(".layers.0." in k and ("self_attn" in k or "mlp" in k) for k in ks):
         raise CheckpointError(path, "is a text encoder, not a VAE.", _FIX_PICK_VAE)
     z = get_shape("decoder.conv_in.weight")[1] if "decoder.conv_in.weight" in ks else None
     if z is not None and "bn.running_mean" not in ks:
-        kind = {16: "a FLUX.1 / SD3-style VAE (16 latent channels)",
-                4: "an SD 1.x / SDXL VAE (4 latent channels)"}.get(z, f"a VAE with {z} latent channels")
-        raise CheckpointError(path, f"is {kind}, not the FLUX.2 VAE (32 channels + latent batch-norm).",
-                              _FIX_PICK_VAE)
+        kind = {
+            16: "a FLUX.1 / SD3-style VAE (16 latent channels)",
+            4: "an SD 1.x / SDXL VAE (4 latent channels)",
+        }.get(z, f"a VAE with {z} latent channels")
+        raise CheckpointError(
+            path, f"is {kind}, not the FLUX.2 VAE (32 channels + latent batch-norm).", _FIX_PICK_VAE
+        )
     if z is None or "bn.running_mean" not in ks:
-        raise CheckpointError(path, "is not a FLUX.2 VAE (no 'decoder.conv_in.weight' / 'bn.running_mean').",
-                              _FIX_PICK_VAE)
+        raise CheckpointError(
+            path, "is not a FLUX.2 VAE (no 'decoder.conv_in.weight' / 'bn.running_mean').", _FIX_PICK_VAE
+        )
 
 
 def _count(keys: list[str], pattern: str) -> int:
@@ -63,15 +72,25 @@ def infer_config(shape_of, keys: list[str], path: str) -> Flux2VAEConfig:
         z = shape_of("decoder.conv_in.weight")[1]
         dec_res = _count(keys, r"^decoder\.up\.0\.block\.(\d+)\.")
     except KeyError as e:
-        raise CheckpointError(path, f"misses the VAE key {e.args[0]!r}: the file is incomplete or not "
-                              "a FLUX.2 VAE.", _FIX_PICK_VAE) from None
+        raise CheckpointError(
+            path,
+            f"misses the VAE key {e.args[0]!r}: the file is incomplete or not a FLUX.2 VAE.",
+            _FIX_PICK_VAE,
+        ) from None
     if any(w % ch for w in enc) or dec_res != res + 1:
-        raise CheckpointError(path, f"has an unexpected VAE structure (encoder widths {enc}, "
-                              f"{res} encoder / {dec_res} decoder blocks per level).", _FIX_PICK_VAE)
+        raise CheckpointError(
+            path,
+            f"has an unexpected VAE structure (encoder widths {enc}, "
+            f"{res} encoder / {dec_res} decoder blocks per level).",
+            _FIX_PICK_VAE,
+        )
     dec_ch = math.gcd(*dec)
     try:
         return Flux2VAEConfig(
-            ch=ch, ch_mult=tuple(w // ch for w in enc), num_res_blocks=res, z_channels=z,
+            ch=ch,
+            ch_mult=tuple(w // ch for w in enc),
+            num_res_blocks=res,
+            z_channels=z,
             decoder_ch=None if dec == enc else dec_ch,
             decoder_ch_mult=None if dec == enc else tuple(w // dec_ch for w in dec),
         )
@@ -79,8 +98,9 @@ def infer_config(shape_of, keys: list[str], path: str) -> Flux2VAEConfig:
         raise CheckpointError(path, f"has VAE shapes this loader cannot build: {e}", _FIX_PICK_VAE) from None
 
 
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
-             device: str | torch.device = "cpu") -> Flux2VAE:
+def load_vae(
+    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+) -> Flux2VAE:
     """Load the FLUX.2 VAE.
 
     Args:
@@ -105,8 +125,9 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
         fmt = "diffusers"
     else:
         prefix, inner = strip_prefix(keys)
-        fmt = "comfyui" if prefix or any(k.endswith("bn.num_batches_tracked") for k in reader.keys()) \
-            else "bfl"
+        fmt = (
+            "comfyui" if prefix or any(k.endswith("bn.num_batches_tracked") for k in reader.keys()) else "bfl"
+        )
         if not prefix:
             _refuse_foreign(where, inner, lambda k: reader.shape(k))
 
@@ -125,8 +146,11 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
     expected = set(model.state_dict().keys())
     missing, unexpected = sorted(expected - set(bfl_names)), sorted(set(bfl_names) - expected)
     if missing or unexpected:
-        raise CheckpointError(where, f"does not match the FLUX.2 VAE layout: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}.", _FIX_PICK_VAE)
+        raise CheckpointError(
+            where,
+            f"does not match the FLUX.2 VAE layout: missing {missing[:8]}, unexpected {unexpected[:8]}.",
+            _FIX_PICK_VAE,
+        )
 
     state: dict[str, torch.Tensor] = {}
     own_shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -135,8 +159,11 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16,
         if t.shape != own_shapes[name] and is_attention_projection(name):
             t = t.reshape(own_shapes[name])  # diffusers Linear (C, C) -> 1x1 conv (C, C, 1, 1)
         if t.shape != own_shapes[name]:
-            raise CheckpointError(where, f"tensor {file_key!r} has shape {tuple(t.shape)}, expected "
-                                  f"{tuple(own_shapes[name])}.", _FIX_PICK_VAE)
+            raise CheckpointError(
+                where,
+                f"tensor {file_key!r} has shape {tuple(t.shape)}, expected {tuple(own_shapes[name])}.",
+                _FIX_PICK_VAE,
+            )
         target = torch.float32 if name.startswith("bn.") else dtype
         state[name] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
@@ -163,6 +190,7 @@ def _diffusers_to_bfl_names(keys: list[str], levels: int, where: str) -> dict[st
     mapped = set(out.values())
     extra = sorted(present - mapped)
     if extra:
-        raise CheckpointError(where, f"has diffusers VAE keys this loader does not know: {extra[:8]}.",
-                              _FIX_PICK_VAE)
+        raise CheckpointError(
+            where, f"has diffusers VAE keys this loader does not know: {extra[:8]}.", _FIX_PICK_VAE
+        )
     return out

@@ -143,8 +143,9 @@ class Flux2VAE(nn.Module):
 
     def _bn_stats(self, like: Tensor) -> tuple[Tensor, Tensor]:
         mean = self.bn.running_mean.to(like.device, torch.float32).view(1, -1, 1, 1)
-        std = torch.sqrt(self.bn.running_var.to(like.device, torch.float32).view(1, -1, 1, 1)
-                         + self.config.bn_eps)
+        std = torch.sqrt(
+            self.bn.running_var.to(like.device, torch.float32).view(1, -1, 1, 1) + self.config.bn_eps
+        )
         return mean, std
 
     def normalize(self, z32: Tensor) -> Tensor:

@@ -42,8 +42,15 @@ def _bytes_per_pixel(cfg: Flux2VAEConfig, kind: str, dtype: torch.dtype) -> int:
     return _ENCODE_ACT_FACTOR * cfg.encoder_widths[0] * size
 
 
-def resolve_tile(tile: TileArg, height: int, width: int, cfg: Flux2VAEConfig, kind: str,
-                 device: torch.device, dtype: torch.dtype) -> int | None:
+def resolve_tile(
+    tile: TileArg,
+    height: int,
+    width: int,
+    cfg: Flux2VAEConfig,
+    kind: str,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> int | None:
     """Tile edge in pixels, or None when the image is processed in one pass.
 
     Args:
@@ -99,8 +106,15 @@ def _ramp(length: int, ramp: int, fade_start: bool, fade_end: bool) -> Tensor:
     return w
 
 
-def _tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile_units: int, unit_in: int, unit_out: int,
-           out_channels: int, device: torch.device) -> Tensor:
+def _tiled(
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tile_units: int,
+    unit_in: int,
+    unit_out: int,
+    out_channels: int,
+    device: torch.device,
+) -> Tensor:
     """Run ``fn`` over overlapping tiles of ``x`` and blend.
 
     Sizes are counted in "units": ``unit_in`` input samples map to ``unit_out`` output samples
@@ -119,17 +133,23 @@ def _tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile_units: int, unit_in: 
         for x0 in xs:
             tw = min(tile_units, wu - x0)
             wx = _ramp(tw * unit_out, ramp, x0 > 0, x0 + tw < wu)
-            piece = x[:, :, y0 * unit_in:(y0 + th) * unit_in, x0 * unit_in:(x0 + tw) * unit_in]
+            piece = x[:, :, y0 * unit_in : (y0 + th) * unit_in, x0 * unit_in : (x0 + tw) * unit_in]
             y = fn(piece).to(device, torch.float32)  # (B, C, th*unit_out, tw*unit_out)
             w2 = (wy[:, None] * wx[None, :]).to(device)
             oy, ox = y0 * unit_out, x0 * unit_out
-            out[:, :, oy:oy + th * unit_out, ox:ox + tw * unit_out] += y * w2
-            weight[:, :, oy:oy + th * unit_out, ox:ox + tw * unit_out] += w2
+            out[:, :, oy : oy + th * unit_out, ox : ox + tw * unit_out] += y * w2
+            weight[:, :, oy : oy + th * unit_out, ox : ox + tw * unit_out] += w2
     return out / weight
 
 
-def tiled_decode(fn: Callable[[Tensor], Tensor], latents: Tensor, cfg: Flux2VAEConfig, tile: TileArg,
-                 device: torch.device, dtype: torch.dtype) -> Tensor:
+def tiled_decode(
+    fn: Callable[[Tensor], Tensor],
+    latents: Tensor,
+    cfg: Flux2VAEConfig,
+    tile: TileArg,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
     """Decode (B, 128, h, w) latents with ``fn`` (one tile -> pixels), tiled if ``tile`` asks for it."""
     f = cfg.downscale
     h, w = latents.shape[2] * f, latents.shape[3] * f
@@ -140,8 +160,14 @@ def tiled_decode(fn: Callable[[Tensor], Tensor], latents: Tensor, cfg: Flux2VAEC
     return _tiled(fn, latents, edge // f, 1, f, 3, device)
 
 
-def tiled_encode(fn: Callable[[Tensor], Tensor], images: Tensor, cfg: Flux2VAEConfig, tile: TileArg,
-                 device: torch.device, dtype: torch.dtype) -> Tensor:
+def tiled_encode(
+    fn: Callable[[Tensor], Tensor],
+    images: Tensor,
+    cfg: Flux2VAEConfig,
+    tile: TileArg,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Tensor:
     """Encode (B, 3, H, W) images with ``fn`` (one tile -> latents), tiled if ``tile`` asks for it."""
     f = cfg.downscale
     edge = resolve_tile(tile, images.shape[2], images.shape[3], cfg, "encode", device, dtype)

@@ -14,8 +14,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   torchsde==0.2.6 trampoline==0.1.2 2> >(grep -v "is ignored: it is neither" >&2)
 # comfy-kitchen is left out on purpose: 67 MB would pass the 64 MiB carry limit, and ComfyUI imports it
 # optionally (only its fp8/fp4 paths need it).
-(cd "$COMFYUI_PATH" && tar czf - --exclude='__pycache__' --exclude='comfy/text_encoders/*tokenizer*' \
+(cd "$COMFYUI_PATH" && tar czf - --exclude='__pycache__' --exclude='comfy/text_encoders/*tokenizer*/*' --exclude='comfy/text_encoders/*tokenizer*.json' \
   --exclude='comfy/sd1_tokenizer' comfy comfy_api comfy_execution comfy_extras comfy_config folder_paths.py \
-  comfyui_version.py node_helpers.py latent_preview.py nodes.py utils app server.py protocol.py) \
+  comfyui_version.py node_helpers.py latent_preview.py nodes.py utils app server.py protocol.py main.py) \
   > .device_comfy/comfyui.tar.gz
 du -sh .whl .device_comfy

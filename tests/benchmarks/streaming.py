@@ -4,11 +4,20 @@ A script, not a test. For each VRAM budget (all resident, then 40/24/16/8 GiB) i
 `weight_streaming.WeightStreamer` to the model, runs a few forward passes and prints the steady step
 time, the bound max(resident step, streamed bytes / pinned copy bandwidth measured in this run), their
 ratio, the first step, peak VRAM, pinned host bytes and attach time. Then the anchors on the same
-shapes: diffusers' group offload (block level, one block a group, use_stream=True) and, where a ComfyUI
-tree can be imported, a note on it. The last line is a JSON object of all figures.
+shapes: diffusers' group offload (block level, one block a group, use_stream=True,
+`diffusers_streaming.py`) and, where a ComfyUI tree can be imported, ComfyUI's own FLUX.2 model with
+its partial loading at the same budgets (`comfy_streaming.py`, which says how to set up the tree on the
+device machine). The last line is a JSON object of all figures.
 
     python tests/benchmarks/streaming.py                 # the full run (about 60 GiB of host RAM)
     python tests/benchmarks/streaming.py --small         # a 1/4-width model, to check the script
+    python tests/benchmarks/streaming.py --block-times estimated --budgets all,24,16
+                                                         # plans from FLOP estimates, not measured times
+
+Planner timing input: with `--block-times measured` (default) the budgets after "all" get the block times
+measured in the resident run; with `estimated` they get `flux2_core.block_flops` per block instead, which
+the streamer turns into times with its matmul probe (what a card that cannot hold the model does), and
+the script prints whether that plan equals the measured-times plan (running the latter too when not).
 
 Budgets are GiB (2^30 bytes). A budget covers everything the forward pass allocates on the device
 (weights, ring and activations): the streamer gets the budget minus the activation peak measured in the
@@ -22,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import statistics
 import sys
@@ -39,9 +49,12 @@ sys.path.insert(0, ROOT)
 
 from weight_streaming import (  # noqa: E402
     StreamingConfig,
+    Timing,
     WeightStreamer,
     measure_block_seconds,
     measure_link_bandwidth,
+    measure_matmul_flops,
+    plan_residency,
 )
 from weight_streaming.config import UNLIMITED  # noqa: E402
 
@@ -131,13 +144,13 @@ def build_ours(small: bool):
             cfg = dataclasses.replace(cfg, hidden_size=1536, num_heads=12)
         with torch.device("meta"):
             model = Flux2Transformer(cfg, dtype=torch.bfloat16)
-        return model, "flux2_core.Flux2Transformer (dev)", cfg.context_dim
+        return model, "flux2_core.Flux2Transformer (dev)", cfg.context_dim, cfg
     except Exception as exc:  # noqa: BLE001 - any import/config problem: say it and use the stand-in
         log(f"[model] flux2_core unavailable ({type(exc).__name__}: {exc}); using the stand-in block stack")
         H = 1536 if small else 6144
         with torch.device("meta"):
             model = StandInFlux2(H=H, heads=H // 128).to(torch.bfloat16)
-        return model, "stand-in (FLUX.2 [dev] shapes)", 15360
+        return model, "stand-in (FLUX.2 [dev] shapes)", 15360, None
 
 
 def materialize_random(model: nn.Module, pinned: bool = False) -> float:
@@ -195,8 +208,12 @@ def make_inputs(ctx: int, side: int = 1024, n_txt: int = 512):
     txt_ids = torch.zeros(1, n_txt, 4, dtype=torch.long)
     txt_ids[..., 3] = torch.arange(n_txt)
     return dict(
-        img=img, img_ids=img_ids.to(DEV), txt=txt, txt_ids=txt_ids.to(DEV),
-        timesteps=torch.full((1,), 0.7, device=DEV), guidance=torch.full((1,), 4.0, device=DEV),
+        img=img,
+        img_ids=img_ids.to(DEV),
+        txt=txt,
+        txt_ids=txt_ids.to(DEV),
+        timesteps=torch.full((1,), 0.7, device=DEV),
+        guidance=torch.full((1,), 4.0, device=DEV),
     )
 
 
@@ -241,17 +258,47 @@ def warm_up(model: nn.Module, inputs: dict) -> None:
 
 
 # --------------------------------------------------------------------------- our manager
-def run_budget(model, inputs, label, weights_budget, steps, bw, block_seconds, resident_step, extra=None):
+def run_budget(
+    model,
+    inputs,
+    label,
+    weights_budget,
+    steps,
+    bw,
+    block_seconds,
+    resident_step,
+    extra=None,
+    block_flops=None,
+    compare_seconds=None,
+):
+    """One budget of ours. `block_flops` (with block_seconds None) makes the streamer estimate block
+    times; `compare_seconds` (measured times) adds whether the measured-times plan would be the same."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    cfg = StreamingConfig(vram_budget=weights_budget, block_seconds=block_seconds, link_bandwidth=bw)
+    cfg = StreamingConfig(
+        vram_budget=weights_budget, block_seconds=block_seconds, block_flops=block_flops, link_bandwidth=bw
+    )
     t0 = time.perf_counter()
     ws = WeightStreamer(model, cfg, DEV)
     plan = ws.attach()
     torch.cuda.synchronize()
     load_s = time.perf_counter() - t0
+    timing_src = (
+        "measured" if block_seconds is not None else "estimated" if block_flops is not None else "none"
+    )
+    est_sum = sum(ws.timing.block_seconds) if ws.timing is not None else None
+    same_as_measured = None
+    if compare_seconds is not None and plan.streamed_indices:
+        ref = plan_residency(
+            plan.block_sizes,
+            plan.budget,
+            fixed_bytes=plan.fixed_bytes,
+            ring_slots=cfg.slots,
+            timing=Timing(tuple(compare_seconds), bw),
+        )
+        same_as_measured = ref.resident == plan.resident and ref.ring_slots == plan.ring_slots
     times = timed_steps(lambda: model(**inputs), steps)
     tel = ws.telemetry(sync=True)
     peak_alloc = torch.cuda.max_memory_allocated() - base
@@ -263,70 +310,36 @@ def run_budget(model, inputs, label, weights_budget, steps, bw, block_seconds, r
     steady = statistics.median(times[1:])
     bound = max(resident_step or steady, plan.streamed_bytes / bw)
     return dict(
-        budget=label, resident_blocks=len(plan.resident_indices), streamed_blocks=len(plan.streamed_indices),
-        ring_slots=plan.ring_slots, resident_gib=plan.resident_bytes / GiB, streamed_gib=plan.streamed_bytes / GiB,
-        steady_s=steady, first_s=times[0], bound_s=bound, ratio=steady / bound, first_over_steady=times[0] / steady,
-        peak_alloc_gib=peak_alloc / GiB, peak_reserved_gib=peak_reserved / GiB, pinned_gib=tel.pinned_bytes / GiB,
+        budget=label,
+        resident_blocks=len(plan.resident_indices),
+        streamed_blocks=len(plan.streamed_indices),
+        ring_slots=plan.ring_slots,
+        resident_gib=plan.resident_bytes / GiB,
+        streamed_gib=plan.streamed_bytes / GiB,
+        steady_s=steady,
+        first_s=times[0],
+        bound_s=bound,
+        ratio=steady / bound,
+        first_over_steady=times[0] / steady,
+        peak_alloc_gib=peak_alloc / GiB,
+        peak_reserved_gib=peak_reserved / GiB,
+        pinned_gib=tel.pinned_bytes / GiB,
         pinned_over_streamed=(tel.pinned_bytes / plan.streamed_bytes) if plan.streamed_bytes else 0.0,
-        pageable_gib=tel.pageable_bytes / GiB, load_s=load_s, copy_gbps=tel.copy_bandwidth / 1e9,
-        stall_s=tel.mean_step_stall_s, steps=[round(t, 4) for t in times],
-        plan="".join("R" if r else "." for r in plan.resident), extra=extra_out,
+        pageable_gib=tel.pageable_bytes / GiB,
+        load_s=load_s,
+        copy_gbps=tel.copy_bandwidth / 1e9,
+        stall_s=tel.mean_step_stall_s,
+        steps=[round(t, 4) for t in times],
+        plan="".join("R" if r else "." for r in plan.resident),
+        extra=extra_out,
+        timing=timing_src,
+        block_seconds_sum=est_sum,
+        same_plan_as_measured=same_as_measured,
     )
-
-
-# --------------------------------------------------------------------------- anchors
-def diffusers_anchor(inputs, steps, bw, resident_step, small):
-    try:
-        from diffusers import Flux2Transformer2DModel
-        from diffusers.hooks import apply_group_offloading
-    except Exception as exc:  # noqa: BLE001
-        return dict(skipped=f"diffusers not importable: {type(exc).__name__}: {exc}")
-    kw = dict(num_attention_heads=12) if small else {}
-    with torch.device("meta"):
-        model = Flux2Transformer2DModel(**kw).to(torch.bfloat16)
-    build_s = materialize_random(model, pinned=True)
-    model.eval()
-    block_bytes = sum(
-        p.numel() * p.element_size()
-        for lst in (model.transformer_blocks, model.single_transformer_blocks) for p in lst.parameters()
-    )
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    apply_group_offloading(
-        model, onload_device=DEV, offload_device=torch.device("cpu"), offload_type="block_level",
-        num_blocks_per_group=1, use_stream=True,
-    )
-    torch.cuda.synchronize()
-    load_s = time.perf_counter() - t0
-    d_in = dict(
-        hidden_states=inputs["img"], encoder_hidden_states=inputs["txt"], timestep=inputs["timesteps"],
-        img_ids=inputs["img_ids"], txt_ids=inputs["txt_ids"], guidance=inputs["guidance"], return_dict=False,
-    )
-    times = timed_steps(lambda: model(**d_in), steps)
-    steady = statistics.median(times[1:])
-    bound = max(resident_step, block_bytes / bw)
-    res = dict(
-        steady_s=steady, first_s=times[0], bound_s=bound, ratio=steady / bound, first_over_steady=times[0] / steady,
-        streamed_gib=block_bytes / GiB, peak_reserved_gib=torch.cuda.max_memory_reserved() / GiB,
-        load_s=load_s, build_s=build_s, steps=[round(t, 4) for t in times],
-        note="weights handed over already pinned (one pinned allocation per tensor), so load_s excludes the "
-             "90-108 s of pinning measured earlier (streaming.md section 8)",
-    )
-    model = None  # noqa: F841 - drop the last reference before the next anchor
-    gc.collect()
-    torch.cuda.empty_cache()
-    return res
-
-
-def comfyui_anchor() -> dict:
-    path = os.environ.get("COMFYUI_PATH", os.path.join(ROOT, ".comfyui"))
-    if not os.path.isdir(os.path.join(path, "comfy")):
-        return dict(skipped=f"no ComfyUI tree at {path} (carry the pinned tree there to include it)")
-    return dict(skipped="ComfyUI partial-loading anchor not implemented in this script yet; "
-                "see ../shared/docs/streaming.md section 8 for its figures on the same H100")
 
 
 # --------------------------------------------------------------------------- main
+# The anchors live in diffusers_streaming.py and comfy_streaming.py.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="all,40,24,16,8", help="GiB, comma separated; 'all' = resident")
@@ -334,7 +347,19 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="quarter-width model: checks the script quickly")
     ap.add_argument("--no-diffusers", action="store_true")
     ap.add_argument("--plain-plan", default="24", help="budgets also run with the byte-only planner")
+    ap.add_argument(
+        "--block-times",
+        choices=("measured", "estimated"),
+        default="measured",
+        help="planner timing input for the budgets after 'all' (see the module docstring)",
+    )
+    ap.add_argument(
+        "--comfy-budgets", default=None, help="budgets for the ComfyUI anchor (default: --budgets)"
+    )
+    ap.add_argument("--no-comfyui", action="store_true")
     args = ap.parse_args()
+    # ComfyUI reports its load decisions ("loaded partially ...") and the streamer its probe via logging.
+    logging.basicConfig(level=logging.INFO, format="  (%(name)s) %(message)s", stream=sys.stdout)
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA device")
     figures: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
@@ -343,14 +368,31 @@ def main() -> None:
     figures["pinned_h2d_gbps"] = bw / 1e9
     log(f"[link] pinned host-to-device copy: {bw / 1e9:.1f} GB/s (1 GiB, 3 copies)")
 
-    model, model_name, ctx = build_ours(args.small)
+    model, model_name, ctx, model_cfg = build_ours(args.small)
     build_s = materialize_random(model)
     model.eval()
     figures["model"] = model_name
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"[model] {model_name}: {n_params / 1e9:.2f} B params, {n_params * 2 / GiB:.1f} GiB, built in {build_s:.1f} s")
-    inputs = make_inputs(ctx, side=512 if args.small else 1024)
+    log(
+        f"[model] {model_name}: {n_params / 1e9:.2f} B params, {n_params * 2 / GiB:.1f} GiB, built in {build_s:.1f} s"
+    )
+    side = 512 if args.small else 1024
+    inputs = make_inputs(ctx, side=side)
     warm_up(model, inputs)
+    flops = None
+    if args.block_times == "estimated":
+        if model_cfg is None:
+            raise SystemExit("--block-times estimated needs flux2_core (the stand-in has no FLOP count)")
+        from flux2_core import block_flops, tokens_for
+
+        flops = block_flops(model_cfg, tokens_for(side, side, text_tokens=inputs["txt"].shape[1]))
+        rate = measure_matmul_flops(DEV, torch.bfloat16)
+        figures["block_flops_total"] = flops.total
+        figures["matmul_probe_tflops"] = rate / 1e12
+        log(
+            f"[estimate] block FLOPs {flops.total:.3e} per step ({flops.attention_fraction:.1%} attention), "
+            f"matmul probe {rate / 1e12:.0f} TFLOP/s"
+        )
 
     rows = []
     printed = 0
@@ -359,6 +401,7 @@ def main() -> None:
     block_seconds = None
     for b in args.budgets.split(","):
         if b == "all":
+
             def per_block():
                 with torch.inference_mode():
                     return measure_block_seconds(model, lambda: model(**inputs))
@@ -371,21 +414,74 @@ def main() -> None:
             act_bytes = int(row["peak_alloc_gib"] * GiB) - n_params * 2
             figures["activation_gib"] = act_bytes / GiB
             figures["block_seconds_sum"] = sum(block_seconds)
+            if flops is not None:
+                eff = flops.total / (figures["matmul_probe_tflops"] * 1e12 * sum(block_seconds))
+                figures["measured_flops_efficiency"] = eff
+                log(
+                    f"[estimate] measured block time {sum(block_seconds):.3f} s: blocks ran at {eff:.2f} of the "
+                    f"probe's rate (the estimate assumes {StreamingConfig().flops_efficiency:.2f})"
+                )
             rows.append(row)
         else:
             budget = float(b) * GiB
             weights_budget = int(budget - max(act_bytes, 0) - (384 << 20))
-            rows.append(run_budget(model, inputs, f"{b} GiB", weights_budget, args.steps, bw, block_seconds,
-                                   resident_step))
+            if flops is not None:
+                r = run_budget(
+                    model,
+                    inputs,
+                    f"{b} GiB est",
+                    weights_budget,
+                    args.steps,
+                    bw,
+                    None,
+                    resident_step,
+                    block_flops=flops.per_block,
+                    compare_seconds=block_seconds,
+                )
+                rows.append(r)
+                log(
+                    f"[estimate] {b} GiB: estimated block time {r['block_seconds_sum']:.3f} s; plan "
+                    f"{'equals' if r['same_plan_as_measured'] else 'differs from'} the measured-times plan"
+                )
+                if r["same_plan_as_measured"] is False:
+                    rows.append(
+                        run_budget(
+                            model,
+                            inputs,
+                            f"{b} GiB",
+                            weights_budget,
+                            args.steps,
+                            bw,
+                            block_seconds,
+                            resident_step,
+                        )
+                    )
+            else:
+                rows.append(
+                    run_budget(
+                        model,
+                        inputs,
+                        f"{b} GiB",
+                        weights_budget,
+                        args.steps,
+                        bw,
+                        block_seconds,
+                        resident_step,
+                    )
+                )
             if b in args.plain_plan.split(","):
-                r = run_budget(model, inputs, f"{b} GiB plain", weights_budget, args.steps, bw, None, resident_step)
+                r = run_budget(
+                    model, inputs, f"{b} GiB plain", weights_budget, args.steps, bw, None, resident_step
+                )
                 rows.append(r)
         for r in rows[printed:]:
-            log(f"[ours] {r['budget']:>12}: steady {r['steady_s']:.3f} s, bound {r['bound_s']:.3f} s, ratio "
+            log(
+                f"[ours] {r['budget']:>12}: steady {r['steady_s']:.3f} s, bound {r['bound_s']:.3f} s, ratio "
                 f"{r['ratio']:.3f}, first {r['first_s']:.3f} s ({r['first_over_steady']:.2f}x), peak reserved "
                 f"{r['peak_reserved_gib']:.2f} GiB (allocated {r['peak_alloc_gib']:.2f}), pinned {r['pinned_gib']:.1f} "
                 f"GiB ({r['pinned_over_streamed']:.3f}x streamed), load {r['load_s']:.1f} s, copy "
-                f"{r['copy_gbps']:.1f} GB/s, stall {r['stall_s']:.3f} s, ring {r['ring_slots']}, plan {r['plan']}")
+                f"{r['copy_gbps']:.1f} GB/s, stall {r['stall_s']:.3f} s, ring {r['ring_slots']}, plan {r['plan']}"
+            )
         printed = len(rows)
     figures["ours"] = rows
     log(f"[ours-json] {json.dumps(rows)}")
@@ -394,28 +490,84 @@ def main() -> None:
     torch.cuda.empty_cache()
     log(f"[host] {host_available_gib():.1f} GiB of host RAM available before the anchors")
 
+    from diffusers_streaming import diffusers_anchor
+
     figures["diffusers_group_offload"] = (
-        dict(skipped="--no-diffusers") if args.no_diffusers
-        else diffusers_anchor(inputs, max(3, args.steps - 2), bw, resident_step or 0.0, args.small)
+        dict(skipped="--no-diffusers")
+        if args.no_diffusers
+        else diffusers_anchor(
+            inputs,
+            max(3, args.steps - 2),
+            bw,
+            resident_step or 0.0,
+            args.small,
+            materialize_random,
+            timed_steps,
+        )
     )
     log(f"[diffusers] {figures['diffusers_group_offload']}")
-    figures["comfyui"] = comfyui_anchor()
-    log(f"[comfyui] {figures['comfyui']}")
+    if args.no_comfyui:
+        figures["comfyui"] = dict(skipped="--no-comfyui")
+    else:
+        from comfy_streaming import comfyui_anchor
+
+        comfy_budgets = (args.comfy_budgets or args.budgets).split(",")
+        figures["comfyui"] = comfyui_anchor(
+            ROOT,
+            comfy_budgets,
+            inputs,
+            args.steps,
+            bw,
+            resident_step or 0.0,
+            args.small,
+            materialize_random,
+            timed_steps,
+            log,
+        )
+        if "skipped" in figures["comfyui"]:
+            log(f"[comfyui] skipped: {figures['comfyui']['skipped']}")
 
     log("")
-    log("| budget | resident/streamed blocks | streamed GiB | steady s | bound s | ratio | first s | first/steady "
-        "| peak reserved GiB | pinned GiB (x streamed) | load s |")
+    log(
+        "| budget | resident/streamed blocks | streamed GiB | steady s | bound s | ratio | first s | first/steady "
+        "| peak reserved GiB | pinned GiB (x streamed) | load s |"
+    )
     log("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        log(f"| {r['budget']} | {r['resident_blocks']}/{r['streamed_blocks']} | {r['streamed_gib']:.1f} | "
+        log(
+            f"| {r['budget']} | {r['resident_blocks']}/{r['streamed_blocks']} | {r['streamed_gib']:.1f} | "
             f"{r['steady_s']:.3f} | {r['bound_s']:.3f} | {r['ratio']:.3f} | {r['first_s']:.3f} | "
             f"{r['first_over_steady']:.2f} | {r['peak_reserved_gib']:.2f} | {r['pinned_gib']:.1f} "
-            f"({r['pinned_over_streamed']:.3f}) | {r['load_s']:.1f} |")
+            f"({r['pinned_over_streamed']:.3f}) | {r['load_s']:.1f} |"
+        )
     d = figures["diffusers_group_offload"]
     if "steady_s" in d:
-        log(f"| diffusers group offload | 0/56 | {d['streamed_gib']:.1f} | {d['steady_s']:.3f} | {d['bound_s']:.3f} | "
+        log(
+            f"| diffusers group offload | 0/56 | {d['streamed_gib']:.1f} | {d['steady_s']:.3f} | {d['bound_s']:.3f} | "
             f"{d['ratio']:.3f} | {d['first_s']:.3f} | {d['first_over_steady']:.2f} | {d['peak_reserved_gib']:.1f} | "
-            f"- | {d['load_s']:.1f} |")
+            f"- | {d['load_s']:.1f} |"
+        )
+    for r in figures["comfyui"].get("rows", []):
+        if "steady_s" in r:
+            log(
+                f"| ComfyUI {r['budget']} | kept {r['kept_gib']:.1f} GiB | {r['streamed_gib']:.1f} | {r['steady_s']:.3f} "
+                f"| {r['bound_s']:.3f} | {r['ratio']:.3f} | {r['first_s']:.3f} | {r['first_over_steady']:.2f} | "
+                f"{r['peak_reserved_gib']:.2f} | {r['pinned_gib']:.1f} | {r['load_s']:.1f} |"
+            )
+    log("")
+    log(
+        "| budget | ours steady s | ours ratio | ComfyUI steady s | ComfyUI ratio | ComfyUI kept GiB | ComfyUI/ours |"
+    )
+    log("|---|---|---|---|---|---|---|")
+    comfy = {r["budget"]: r for r in figures["comfyui"].get("rows", []) if "steady_s" in r}
+    for r in rows:
+        c = comfy.get(r["budget"].replace(" est", ""))
+        if c is None or r["budget"].endswith("plain"):
+            continue
+        log(
+            f"| {r['budget']} | {r['steady_s']:.3f} | {r['ratio']:.3f} | {c['steady_s']:.3f} | {c['ratio']:.3f} | "
+            f"{c['kept_gib']:.1f} | {c['steady_s'] / r['steady_s']:.2f}x |"
+        )
     print(json.dumps(figures), flush=True)
 
 

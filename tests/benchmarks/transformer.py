@@ -119,17 +119,28 @@ def bench_diffusers(c: Flux2Config, x: dict, warmup: int, iters: int):
     torch.set_default_dtype(DTYPE)
     try:
         with torch.device("cuda"):
-            model = Flux2Transformer2DModel(num_layers=c.depth, num_single_layers=c.depth_single,
-                                            num_attention_heads=c.num_heads, joint_attention_dim=c.context_dim,
-                                            guidance_embeds=c.guidance_embed).eval()
+            model = Flux2Transformer2DModel(
+                num_layers=c.depth,
+                num_single_layers=c.depth_single,
+                num_attention_heads=c.num_heads,
+                joint_attention_dim=c.context_dim,
+                guidance_embeds=c.guidance_embed,
+            ).eval()
     finally:
         torch.set_default_dtype(old)
     _random_init_(model)
     weights = torch.cuda.memory_allocated() / 2**30
 
     def run():
-        return model(hidden_states=x["img"], encoder_hidden_states=x["txt"], timestep=x["timesteps"],
-                     img_ids=x["img_ids"][0], txt_ids=x["txt_ids"][0], guidance=x["guidance"], return_dict=False)[0]
+        return model(
+            hidden_states=x["img"],
+            encoder_hidden_states=x["txt"],
+            timestep=x["timesteps"],
+            img_ids=x["img_ids"][0],
+            txt_ids=x["txt_ids"][0],
+            guidance=x["guidance"],
+            return_dict=False,
+        )[0]
 
     t, peak = _time(run, warmup, iters)
     model = None  # noqa: F841  (frees the weights before the next model)
@@ -143,12 +154,32 @@ def bench_comfyui(c: Flux2Config, x: dict, warmup: int, iters: int, comfy_path: 
     import comfy.ldm.flux.model as flux_model
     import comfy.ops
 
-    params = dict(image_model="flux2", axes_dim=[32, 32, 32, 32], num_heads=c.num_heads, mlp_ratio=3.0, theta=2000,
-                  out_channels=128, global_modulation=True, mlp_silu_act=True, qkv_bias=False, ops_bias=False,
-                  default_ref_method="index", ref_index_scale=10.0, txt_ids_dims=[3], patch_size=1,
-                  in_channels=128, hidden_size=c.hidden_size, context_in_dim=c.context_dim, vec_in_dim=None,
-                  depth=c.depth, depth_single_blocks=c.depth_single, guidance_embed=c.guidance_embed)
-    model = flux_model.Flux(dtype=DTYPE, device="cuda", operations=comfy.ops.disable_weight_init, **params).eval()
+    params = dict(
+        image_model="flux2",
+        axes_dim=[32, 32, 32, 32],
+        num_heads=c.num_heads,
+        mlp_ratio=3.0,
+        theta=2000,
+        out_channels=128,
+        global_modulation=True,
+        mlp_silu_act=True,
+        qkv_bias=False,
+        ops_bias=False,
+        default_ref_method="index",
+        ref_index_scale=10.0,
+        txt_ids_dims=[3],
+        patch_size=1,
+        in_channels=128,
+        hidden_size=c.hidden_size,
+        context_in_dim=c.context_dim,
+        vec_in_dim=None,
+        depth=c.depth,
+        depth_single_blocks=c.depth_single,
+        guidance_embed=c.guidance_embed,
+    )
+    model = flux_model.Flux(
+        dtype=DTYPE, device="cuda", operations=comfy.ops.disable_weight_init, **params
+    ).eval()
     _random_init_(model)
     weights = torch.cuda.memory_allocated() / 2**30
     n = x["img"].shape[1]
@@ -180,8 +211,13 @@ def main() -> None:
         print(json.dumps({"skipped": "no CUDA device"}))
         return
     torch.backends.cuda.matmul.allow_tf32 = True
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "image_tokens": args.image_tokens, "text_tokens": args.text_tokens, "dtype": "bf16"}
+    results: dict = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "image_tokens": args.image_tokens,
+        "text_tokens": args.text_tokens,
+        "dtype": "bf16",
+    }
     for variant in args.variants.split(","):
         c = Flux2Config.from_name(variant)
         x = _inputs(c, args.image_tokens, args.text_tokens)
@@ -201,10 +237,17 @@ def main() -> None:
                 row[name] = {"skipped": f"{type(e).__name__}: {str(e)[:200]}"}
                 _free()
                 continue
-            row[name] = {"seconds": round(t, 4), "peak_gib": round(peak, 2), "weights_gib": round(weights, 2),
-                         "activation_peak_gib": round(peak - weights, 2)}
-            print(f"[{variant}] {name}: {t * 1000:.1f} ms, peak {peak:.2f} GiB "
-                  f"(weights {weights:.2f}, activations {peak - weights:.2f})", flush=True)
+            row[name] = {
+                "seconds": round(t, 4),
+                "peak_gib": round(peak, 2),
+                "weights_gib": round(weights, 2),
+                "activation_peak_gib": round(peak - weights, 2),
+            }
+            print(
+                f"[{variant}] {name}: {t * 1000:.1f} ms, peak {peak:.2f} GiB "
+                f"(weights {weights:.2f}, activations {peak - weights:.2f})",
+                flush=True,
+            )
         ours = row["ours"].get("seconds")
         for name in ("diffusers", "comfyui", "ours_fp8"):
             if ours and row.get(name, {}).get("seconds"):

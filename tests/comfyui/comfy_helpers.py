@@ -32,7 +32,9 @@ def nodes_of(prompt: dict, class_type: str) -> list[dict]:
     return [n for n in prompt.values() if n["class_type"] == class_type]
 
 
-def shrink(prompt: dict, width: int = 192, height: int = 128, steps: int | None = None, dtype: str | None = None) -> dict:
+def shrink(
+    prompt: dict, width: int = 192, height: int = 128, steps: int | None = None, dtype: str | None = None
+) -> dict:
     """A copy of an API prompt with a small image size (tiny models on CPU) and optional overrides."""
     prompt = copy.deepcopy(prompt)
     for node in nodes_of(prompt, "Flux2LocalSampler"):
@@ -83,7 +85,9 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 if opts.get("forceInput"):
                     continue
                 if not values:
-                    raise AssertionError(f"node {node['id']} ({node['type']}): no widget value left for {name!r}")
+                    raise AssertionError(
+                        f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+                    )
                 inputs[name] = values.pop(0)
                 if opts.get("control_after_generate"):
                     values.pop(0)

@@ -31,7 +31,9 @@ def comfy(tmp_path_factory) -> ComfyServer:
 
     base = tmp_path_factory.mktemp("comfyui-base")
     models = make_base_directory(base, pack_folder_name="any-name_flux2pack")
-    (base / "custom_nodes" / "flux2local_test_bridge").symlink_to(HERE / "bridge_pack", target_is_directory=True)
+    (base / "custom_nodes" / "flux2local_test_bridge").symlink_to(
+        HERE / "bridge_pack", target_is_directory=True
+    )
     write_tiny_model_set(models)
     write_reference_images(base / "input")
     server = ComfyServer(base).start()

@@ -67,13 +67,18 @@ def test_missing_model_file_is_rejected_with_the_input_named(comfy):
     status, body = comfy.queue_prompt(prompt)
     assert status == 400
     errors = body["node_errors"]["1"]["errors"]
-    assert any("flux2-does-not-exist.safetensors" in e["details"] and "model_name" in e["details"] for e in errors), errors
+    assert any(
+        "flux2-does-not-exist.safetensors" in e["details"] and "model_name" in e["details"] for e in errors
+    ), errors
     _assert_still_serving(comfy)
 
 
 def test_wrong_model_type_in_loader(comfy):
     models = comfy.base / "models"
-    shutil.copy(models / "vae" / "flux2-vae.safetensors", models / "diffusion_models" / "not-a-transformer.safetensors")
+    shutil.copy(
+        models / "vae" / "flux2-vae.safetensors",
+        models / "diffusion_models" / "not-a-transformer.safetensors",
+    )
     prompt = shrink(load(KLEIN))
     nodes_of(prompt, "Flux2LocalModelLoader")[0]["inputs"]["model_name"] = "not-a-transformer.safetensors"
     err = _error_of(comfy, prompt)
@@ -105,7 +110,12 @@ def test_eleven_references_are_refused(comfy):
     # An 11th reference through a second Multi-Reference chained after the first (the UI's only way).
     prompt["90"] = {
         "class_type": "Flux2LocalMultiReference",
-        "inputs": {"conditioning": [first, 0], "vae": refs["vae"], "megapixels_per_reference": 1.0, "images.image_1": loaders[0]},
+        "inputs": {
+            "conditioning": [first, 0],
+            "vae": refs["vae"],
+            "megapixels_per_reference": 1.0,
+            "images.image_1": loaders[0],
+        },
     }
     nodes_of(prompt, "Flux2LocalSampler")[0]["inputs"]["conditioning"] = ["90", 0]
     err = _error_of(comfy, prompt)

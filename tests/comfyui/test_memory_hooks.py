@@ -117,3 +117,10 @@ def test_dynamic_vram_pools_never_keep_weights_between_nodes(mm_and_memory, monk
     with holder.using(CUDA):
         pass
     assert holder.offloaded == 1  # --fast dynamic_vram: the node's pool dies with the node
+
+
+def test_same_device_treats_default_index_as_current(mm_and_memory):
+    _, memory, _, _ = mm_and_memory
+    assert memory.same_device(torch.device("cuda"), torch.device("cuda", 0))
+    assert not memory.same_device(torch.device("cuda", 1), torch.device("cuda", 0))
+    assert not memory.same_device(torch.device("cpu"), torch.device("cuda", 0))

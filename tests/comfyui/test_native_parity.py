@@ -34,65 +34,135 @@ def full_size_vae(comfy) -> str:
 
     path = comfy.base / "models" / "vae" / FULL_VAE
     if not path.exists():
-        write_tiny_vae(path, layout="comfyui", seed=3, config=Flux2VAEConfig.from_name("flux2"), dtype=torch.bfloat16)
+        write_tiny_vae(
+            path, layout="comfyui", seed=3, config=Flux2VAEConfig.from_name("flux2"), dtype=torch.bfloat16
+        )
     return FULL_VAE
 
 
-def _graph(model_file: str, te_file: str, vae_file: str, guidance: float, cfg: bool, tag: str, decode: bool) -> dict:
+def _graph(
+    model_file: str, te_file: str, vae_file: str, guidance: float, cfg: bool, tag: str, decode: bool
+) -> dict:
     g = {
-        "te": {"class_type": "Flux2LocalTextEncoderLoader",
-               "inputs": {"text_encoder_name": te_file, "tokenizer": "auto", "dtype": "fp32"}},
-        "enc": {"class_type": "Flux2LocalEncodePrompt",
-                "inputs": {"text_encoder": ["te", 0], "prompt": "a small red cube on a table",
-                           "negative_prompt": "blurry", "upsample_prompt": False, "upsample_seed": 0,
-                           "upsample_max_tokens": 512}},
+        "te": {
+            "class_type": "Flux2LocalTextEncoderLoader",
+            "inputs": {"text_encoder_name": te_file, "tokenizer": "auto", "dtype": "fp32"},
+        },
+        "enc": {
+            "class_type": "Flux2LocalEncodePrompt",
+            "inputs": {
+                "text_encoder": ["te", 0],
+                "prompt": "a small red cube on a table",
+                "negative_prompt": "blurry",
+                "upsample_prompt": False,
+                "upsample_seed": 0,
+                "upsample_max_tokens": 512,
+            },
+        },
         "vae": {"class_type": "Flux2LocalVAELoader", "inputs": {"vae_name": vae_file, "dtype": "fp32"}},
         # ours
-        "m": {"class_type": "Flux2LocalModelLoader",
-              "inputs": {"model_name": model_file, "dtype": "fp32", "keep_fp8": True, "vram_budget_gb": 0.0,
-                         "pinned_ram_gb": 0.0}},
-        "s": {"class_type": "Flux2LocalSampler",
-              "inputs": {"model": ["m", 0], "conditioning": ["enc", 0], "width": W, "height": H, "seed": SEED,
-                         "steps": STEPS, "guidance": guidance, "denoise": 1.0}},
-        "d": {"class_type": "Flux2LocalVAEDecode", "inputs": {"vae": ["vae", 0], "samples": ["s", 0], "tiling": "off"}},
-        "save_ours": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": f"ours_{tag}"}},
-        "lat_ours": {"class_type": "SaveLatent", "inputs": {"samples": ["s", 0], "filename_prefix": f"latents/ours_{tag}"}},
+        "m": {
+            "class_type": "Flux2LocalModelLoader",
+            "inputs": {
+                "model_name": model_file,
+                "dtype": "fp32",
+                "keep_fp8": True,
+                "vram_budget_gb": 0.0,
+                "pinned_ram_gb": 0.0,
+            },
+        },
+        "s": {
+            "class_type": "Flux2LocalSampler",
+            "inputs": {
+                "model": ["m", 0],
+                "conditioning": ["enc", 0],
+                "width": W,
+                "height": H,
+                "seed": SEED,
+                "steps": STEPS,
+                "guidance": guidance,
+                "denoise": 1.0,
+            },
+        },
+        "d": {
+            "class_type": "Flux2LocalVAEDecode",
+            "inputs": {"vae": ["vae", 0], "samples": ["s", 0], "tiling": "off"},
+        },
+        "save_ours": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["d", 0], "filename_prefix": f"ours_{tag}"},
+        },
+        "lat_ours": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["s", 0], "filename_prefix": f"latents/ours_{tag}"},
+        },
         # native
         "un": {"class_type": "UNETLoader", "inputs": {"unet_name": model_file, "weight_dtype": "default"}},
-        "pos": {"class_type": "Flux2LocalTestToNativeConditioning",
-                "inputs": {"conditioning": ["enc", 0], "guidance": guidance, "negative": False}},
+        "pos": {
+            "class_type": "Flux2LocalTestToNativeConditioning",
+            "inputs": {"conditioning": ["enc", 0], "guidance": guidance, "negative": False},
+        },
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": SEED}},
         "ks": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
         "sch": {"class_type": "Flux2Scheduler", "inputs": {"steps": STEPS, "width": W, "height": H}},
-        "empty": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": W, "height": H, "batch_size": 1}},
-        "sca": {"class_type": "SamplerCustomAdvanced",
-                "inputs": {"noise": ["noise", 0], "guider": ["guider", 0], "sampler": ["ks", 0], "sigmas": ["sch", 0],
-                           "latent_image": ["empty", 0]}},
+        "empty": {
+            "class_type": "EmptyFlux2LatentImage",
+            "inputs": {"width": W, "height": H, "batch_size": 1},
+        },
+        "sca": {
+            "class_type": "SamplerCustomAdvanced",
+            "inputs": {
+                "noise": ["noise", 0],
+                "guider": ["guider", 0],
+                "sampler": ["ks", 0],
+                "sigmas": ["sch", 0],
+                "latent_image": ["empty", 0],
+            },
+        },
         "nvae": {"class_type": "VAELoader", "inputs": {"vae_name": vae_file}},
-        "lat_native": {"class_type": "SaveLatent",
-                       "inputs": {"samples": ["sca", 0], "filename_prefix": f"latents/native_{tag}"}},
+        "lat_native": {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["sca", 0], "filename_prefix": f"latents/native_{tag}"},
+        },
         # native VAE decode of OUR latents: isolates the VAE from the sampler
         "nd_ours": {"class_type": "VAEDecode", "inputs": {"samples": ["s", 0], "vae": ["nvae", 0]}},
-        "save_native_vae": {"class_type": "SaveImage",
-                            "inputs": {"images": ["nd_ours", 0], "filename_prefix": f"nativevae_{tag}"}},
+        "save_native_vae": {
+            "class_type": "SaveImage",
+            "inputs": {"images": ["nd_ours", 0], "filename_prefix": f"nativevae_{tag}"},
+        },
     }
     if decode:  # VAE encode too: the same 96x64 picture through our VAE Encode and native VAEEncode
         g["img"] = {"class_type": "LoadImage", "inputs": {"image": "flux2_reference_1.png"}}
-        g["e_ours"] = {"class_type": "Flux2LocalVAEEncode", "inputs": {"vae": ["vae", 0], "pixels": ["img", 0], "tiling": "off"}}
+        g["e_ours"] = {
+            "class_type": "Flux2LocalVAEEncode",
+            "inputs": {"vae": ["vae", 0], "pixels": ["img", 0], "tiling": "off"},
+        }
         g["e_native"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["nvae", 0]}}
-        g["lat_e_ours"] = {"class_type": "SaveLatent", "inputs": {"samples": ["e_ours", 0], "filename_prefix": f"latents/encours_{tag}"}}
-        g["lat_e_native"] = {"class_type": "SaveLatent",
-                             "inputs": {"samples": ["e_native", 0], "filename_prefix": f"latents/encnative_{tag}"}}
+        g["lat_e_ours"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["e_ours", 0], "filename_prefix": f"latents/encours_{tag}"},
+        }
+        g["lat_e_native"] = {
+            "class_type": "SaveLatent",
+            "inputs": {"samples": ["e_native", 0], "filename_prefix": f"latents/encnative_{tag}"},
+        }
     else:  # the VAE is compared once (dev); the other cases compare latents only
         for k in ("d", "save_ours", "nd_ours", "save_native_vae", "vae"):
             del g[k]
     if cfg:
-        g["neg"] = {"class_type": "Flux2LocalTestToNativeConditioning",
-                    "inputs": {"conditioning": ["enc", 0], "guidance": guidance, "negative": True}}
-        g["guider"] = {"class_type": "CFGGuider",
-                       "inputs": {"model": ["un", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": guidance}}
+        g["neg"] = {
+            "class_type": "Flux2LocalTestToNativeConditioning",
+            "inputs": {"conditioning": ["enc", 0], "guidance": guidance, "negative": True},
+        }
+        g["guider"] = {
+            "class_type": "CFGGuider",
+            "inputs": {"model": ["un", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": guidance},
+        }
     else:
-        g["guider"] = {"class_type": "BasicGuider", "inputs": {"model": ["un", 0], "conditioning": ["pos", 0]}}
+        g["guider"] = {
+            "class_type": "BasicGuider",
+            "inputs": {"model": ["un", 0], "conditioning": ["pos", 0]},
+        }
     return g
 
 

@@ -13,7 +13,9 @@ async def _run_and_listen(comfy, prompt: dict, timeout: float = 120.0) -> tuple[
     messages, previews = [], 0
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(f"{comfy.url}/ws?clientId={comfy.client_id}") as ws:
-            async with session.post(f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": comfy.client_id}) as r:
+            async with session.post(
+                f"{comfy.url}/prompt", json={"prompt": prompt, "client_id": comfy.client_id}
+            ) as r:
                 assert r.status == 200, await r.text()
                 prompt_id = (await r.json())["prompt_id"]
             async with asyncio.timeout(timeout):
@@ -36,7 +38,9 @@ def test_sampler_progress_and_previews(comfy):
     nodes_of(prompt, "Flux2LocalSampler")[0]["inputs"]["seed"] = 777  # not cached from other tests
     messages, previews = asyncio.run(_run_and_listen(comfy, prompt))
     assert messages[-1]["type"] == "execution_success", messages[-1]
-    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == sampler_id]
+    progress = [
+        m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == sampler_id
+    ]
     assert progress, [m["type"] for m in messages]
     assert all(p["max"] == 5 for p in progress)
     assert progress[-1]["value"] == 5

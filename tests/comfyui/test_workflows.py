@@ -32,10 +32,14 @@ def test_six_workflows_in_both_formats():
 @pytest.mark.parametrize("path", ui_workflows(), ids=lambda p: p.name)
 def test_ui_workflow_nodes_exist_and_match_api(object_info, path):
     ui = load(path)
-    missing = {n["type"] for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY and n["type"] not in object_info}
+    missing = {
+        n["type"] for n in ui["nodes"] if n["type"] not in FRONTEND_ONLY and n["type"] not in object_info
+    }
     assert not missing, f"{path.name}: node types missing from /object_info: {missing}"
     notes = [n for n in ui["nodes"] if n["type"] == "Note"]
-    assert notes and ".safetensors" in notes[0]["widgets_values"][0], f"{path.name}: no note listing model files"
+    assert notes and ".safetensors" in notes[0]["widgets_values"][0], (
+        f"{path.name}: no note listing model files"
+    )
     api = load(path.with_name(path.name.removesuffix(".json") + ".api.json"))
     converted = ui_to_api(ui, object_info)
     assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}

@@ -22,19 +22,47 @@ def _z(*shape):
 
 
 FOREIGN = {
-    "flux1": ({"img_in.weight": _z(32, 64), "txt_in.weight": _z(32, 40), "vector_in.in_layer.weight": _z(32, 8),
-               "double_blocks.0.img_mod.lin.weight": _z(192, 32),
-               "double_blocks.0.img_attn.norm.key_norm.scale": _z(16)}, "FLUX.1"),
-    "flux1_diffusers": ({"x_embedder.weight": _z(32, 64), "time_text_embed.timestep_embedder.linear_1.weight":
-                         _z(32, 8), "transformer_blocks.0.norm1.linear.weight": _z(192, 32)}, "FLUX.1"),
-    "sdxl": ({"model.diffusion_model.input_blocks.0.0.weight": _z(8, 4, 3, 3),
-              "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": _z(1, 77)}, "SDXL"),
-    "vae": ({"encoder.conv_in.weight": _z(8, 3, 3, 3), "decoder.conv_in.weight": _z(8, 32, 3, 3),
-             "bn.running_mean": _z(128)}, "VAE"),
-    "qwen3": ({"model.embed_tokens.weight": _z(16, 8), "model.layers.0.mlp.up_proj.weight": _z(8, 8)},
-              "text encoder"),
-    "comfy_te": ({"text_encoders.qwen3_4b.transformer.model.layers.0.mlp.up_proj.weight": _z(8, 8)},
-                 "text encoder"),
+    "flux1": (
+        {
+            "img_in.weight": _z(32, 64),
+            "txt_in.weight": _z(32, 40),
+            "vector_in.in_layer.weight": _z(32, 8),
+            "double_blocks.0.img_mod.lin.weight": _z(192, 32),
+            "double_blocks.0.img_attn.norm.key_norm.scale": _z(16),
+        },
+        "FLUX.1",
+    ),
+    "flux1_diffusers": (
+        {
+            "x_embedder.weight": _z(32, 64),
+            "time_text_embed.timestep_embedder.linear_1.weight": _z(32, 8),
+            "transformer_blocks.0.norm1.linear.weight": _z(192, 32),
+        },
+        "FLUX.1",
+    ),
+    "sdxl": (
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": _z(8, 4, 3, 3),
+            "conditioner.embedders.0.transformer.text_model.embeddings.position_ids": _z(1, 77),
+        },
+        "SDXL",
+    ),
+    "vae": (
+        {
+            "encoder.conv_in.weight": _z(8, 3, 3, 3),
+            "decoder.conv_in.weight": _z(8, 32, 3, 3),
+            "bn.running_mean": _z(128),
+        },
+        "VAE",
+    ),
+    "qwen3": (
+        {"model.embed_tokens.weight": _z(16, 8), "model.layers.0.mlp.up_proj.weight": _z(8, 8)},
+        "text encoder",
+    ),
+    "comfy_te": (
+        {"text_encoders.qwen3_4b.transformer.model.layers.0.mlp.up_proj.weight": _z(8, 8)},
+        "text encoder",
+    ),
     "random": ({"foo.weight": _z(2, 2)}, "not a FLUX.2 transformer"),
 }
 
@@ -55,7 +83,9 @@ def test_missing_keys_listed(tmp_path, tiny_files):
     path = _save(tmp_path / "missing.safetensors", sd)
     with pytest.raises(CheckpointError, match="2 missing key") as e:
         load_transformer(path)
-    assert "double_blocks.1.txt_mlp.2.weight" in str(e.value) and "single_blocks.0.norm.key_norm.scale" in str(e.value)
+    assert "double_blocks.1.txt_mlp.2.weight" in str(
+        e.value
+    ) and "single_blocks.0.norm.key_norm.scale" in str(e.value)
 
 
 def test_unexpected_keys_listed(tmp_path, tiny_files):
@@ -90,7 +120,9 @@ def test_truncated_and_empty_and_corrupt(tmp_path, tiny_files):
 
 
 def test_unknown_dtype(tmp_path):
-    header = json.dumps({"img_in.weight": {"dtype": "F6_E3M2", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    header = json.dumps(
+        {"img_in.weight": {"dtype": "F6_E3M2", "shape": [2], "data_offsets": [0, 2]}}
+    ).encode()
     p = tmp_path / "odd.safetensors"
     p.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
     with pytest.raises(CheckpointError, match="F6_E3M2"):

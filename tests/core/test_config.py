@@ -47,8 +47,9 @@ def test_inference_from_shapes(name, hint, distilled, expected):
 
 
 def test_custom_shapes_keep_flags():
-    tiny = Flux2Config.from_name("klein-9b").replace(variant="custom", hidden_size=256, num_heads=2, depth=1,
-                                                      depth_single=3, context_dim=64)
+    tiny = Flux2Config.from_name("klein-9b").replace(
+        variant="custom", hidden_size=256, num_heads=2, depth=1, depth_single=3, context_dim=64
+    )
     got = config_from_bfl_shapes(bfl_shapes(tiny), "flux-2-klein-base-9b-kv.safetensors")
     assert (got.variant, got.depth, got.depth_single, got.context_dim) == ("custom", 1, 3, 64)
     assert got.kv_refs and not got.distilled and not got.guidance_embed

@@ -9,8 +9,15 @@ from flux2_core.tiny.transformer import random_bfl_state_dict, tiny_config
 
 from .conftest import make_inputs
 
-FORMATS = {"bfl": "bfl", "comfyui": "comfyui", "diffusers": "diffusers", "bfl-fp8": "bfl-fp8",
-           "comfy-fp8": "comfy-fp8", "comfy-scaled-fp8": "comfy-fp8", "nvfp4": "nvfp4"}
+FORMATS = {
+    "bfl": "bfl",
+    "comfyui": "comfyui",
+    "diffusers": "diffusers",
+    "bfl-fp8": "bfl-fp8",
+    "comfy-fp8": "comfy-fp8",
+    "comfy-scaled-fp8": "comfy-fp8",
+    "nvfp4": "nvfp4",
+}
 FLAGS = {  # variant -> (guidance_embed, distilled, kv_refs)
     "dev": (True, True, False),
     "klein-4b": (False, True, False),
@@ -53,7 +60,13 @@ def test_quantized_layouts_dequantize(tiny_files, variant, layout):
     for k, v in exp.items():
         err = (sd[k] - v).norm() / v.norm()
         assert err < rel, (k, err)
-        if ".qkv." not in k and "linear1" not in k and "mlp" not in k and "proj" not in k and "linear2" not in k:
+        if (
+            ".qkv." not in k
+            and "linear1" not in k
+            and "mlp" not in k
+            and "proj" not in k
+            and "linear2" not in k
+        ):
             torch.testing.assert_close(sd[k], v, rtol=0, atol=0)  # unquantized tensors are exact
 
 
@@ -81,7 +94,9 @@ def test_bf16_file_loads_without_copying(tiny_files):
     assert model.img_in.weight.untyped_storage().nbytes() == path.stat().st_size
     # converting dtype makes each tensor once (fp32 copies), never a second bf16 copy
     model32 = load_transformer(path, dtype=torch.float32)
-    assert len({p.untyped_storage().data_ptr() for p in model32.parameters()}) == len(list(model32.parameters()))
+    assert len({p.untyped_storage().data_ptr() for p in model32.parameters()}) == len(
+        list(model32.parameters())
+    )
 
 
 def test_keep_fp8_uses_fp8_linear(tiny_files):

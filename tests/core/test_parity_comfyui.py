@@ -50,9 +50,14 @@ def test_forward_matches_comfyui(comfy, tiny_files, variant, layout):
     unet_config = detection.detect_unet_config(sd, prefix)
     assert unet_config["image_model"] == "flux2" and unet_config["num_heads"] == 2
     unet_config.pop("image_model")
-    theirs = flux_model.Flux(image_model="flux2", dtype=torch.float32, device="cpu",
-                             operations=ops.disable_weight_init, **unet_config)
-    theirs.load_state_dict({k[len(prefix):]: v for k, v in sd.items()}, strict=True)
+    theirs = flux_model.Flux(
+        image_model="flux2",
+        dtype=torch.float32,
+        device="cpu",
+        operations=ops.disable_weight_init,
+        **unet_config,
+    )
+    theirs.load_state_dict({k[len(prefix) :]: v for k, v in sd.items()}, strict=True)
 
     g = torch.Generator().manual_seed(3)
     c = ours.config
@@ -67,6 +72,12 @@ def test_forward_matches_comfyui(comfy, tiny_files, variant, layout):
         ids = [_ids(0, 4, 6), _ids(10, 4, 4), _ids(20, 2, 4)]
         txt_ids = torch.zeros(1, 9, 4)
         txt_ids[..., 3] = torch.arange(9)
-        got = ours(img=torch.cat(tokens, 1), img_ids=torch.cat(ids)[None], txt=ctx, txt_ids=txt_ids,
-                   timesteps=sigma, guidance=guidance)[:, :24]
+        got = ours(
+            img=torch.cat(tokens, 1),
+            img_ids=torch.cat(ids)[None],
+            txt=ctx,
+            txt_ids=txt_ids,
+            timesteps=sigma,
+            guidance=guidance,
+        )[:, :24]
     torch.testing.assert_close(got, want.flatten(2).transpose(1, 2), rtol=1e-4, atol=1e-4)

@@ -33,8 +33,10 @@ def test_nvfp4_matches_comfy_kitchen():
     assert (ours - w).norm() / w.norm() < 0.2
     # and their quantizer's output decodes the same way through ours
     q2, block2 = eager.quantize_nvfp4(w, glob)
-    torch.testing.assert_close(dequantize_nvfp4(q2, block2, glob, torch.float32),
-                               eager.dequantize_nvfp4(q2, glob, block2, output_type=torch.float32))
+    torch.testing.assert_close(
+        dequantize_nvfp4(q2, block2, glob, torch.float32),
+        eager.dequantize_nvfp4(q2, glob, block2, output_type=torch.float32),
+    )
 
 
 def test_fp8_linear_fallback_matches_dequantized():
@@ -47,8 +49,10 @@ def test_fp8_linear_fallback_matches_dequantized():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
-                    reason="needs an FP8 GPU (SM >= 8.9)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+    reason="needs an FP8 GPU (SM >= 8.9)",
+)
 def test_fp8_linear_scaled_mm_on_gpu():
     lin = FP8Linear(256, 128).cuda()
     q, s = quantize_fp8(torch.randn(128, 256))

@@ -146,7 +146,9 @@ def test_sharded_diffusers_folder(tmp_path, tensors):
     for fname, keys in shards.items():
         save_file({k: tensors[k] for k in keys}, str(sub / fname))
         weight_map.update({k: fname for k in keys})
-    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sub / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
     (tmp_path / "model_index.json").write_text("{}")
     r = open_checkpoint(tmp_path, subfolder="transformer")
     assert sorted(r.keys()) == names and len(r.files) == 2

@@ -30,8 +30,14 @@ def _diffusers_pipe(variant, folder, dvae):
 
     transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer").eval()
     # The published scheduler_config.json of the FLUX.2 repos (dynamic shifting; mu given by the pipeline).
-    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, shift=3.0, base_shift=0.5,
-                                                max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        shift=3.0,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
     common = dict(scheduler=scheduler, vae=dvae, text_encoder=None, tokenizer=None, transformer=transformer)
     if variant == "dev":
         return Flux2Pipeline(**common)
@@ -49,10 +55,14 @@ def _references(n, seed=0):
 
 
 CASES = [
-    ("dev", 0, 1), ("dev", 1, 1),
-    ("klein-4b", 0, 1), ("klein-4b", 2, 2),
-    ("klein-base-4b", 0, 1), ("klein-base-4b", 2, 1),
-    ("klein-9b-kv", 2, 1), ("klein-9b-kv", 0, 1),
+    ("dev", 0, 1),
+    ("dev", 1, 1),
+    ("klein-4b", 0, 1),
+    ("klein-4b", 2, 2),
+    ("klein-base-4b", 0, 1),
+    ("klein-base-4b", 2, 1),
+    ("klein-9b-kv", 2, 1),
+    ("klein-9b-kv", 0, 1),
 ]
 
 
@@ -80,22 +90,47 @@ def test_matches_diffusers(tiny_models, vae, diffusers_vae, variant, n_refs, bat
 
     guidance = 3.5 if variant == "dev" else None
     ref_lat = prepare_reference_latents(vae, refs) if n_refs else None
-    latents = sample_latents(transformer=ours, prompt_embeds=pos, negative_prompt_embeds=neg,
-                             reference_latents=ref_lat, width=W, height=H, steps=STEPS, guidance=guidance,
-                             noise=noise)
+    latents = sample_latents(
+        transformer=ours,
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        reference_latents=ref_lat,
+        width=W,
+        height=H,
+        steps=STEPS,
+        guidance=guidance,
+        noise=noise,
+    )
     if ref_latents.ndim == 3:
         # Flux2Pipeline returns the normalised packed tokens (B, N, 128), row-major.
         torch.testing.assert_close(pack(latents), ref_latents, rtol=1e-4, atol=1e-4)
     else:
         # The klein pipelines return de-normalised, unpatchified latents (B, 32, H/8, W/8).
         torch.testing.assert_close(vae.denormalize(latents), ref_latents, rtol=1e-4, atol=1e-4)
-    images = generate(transformer=ours, vae=vae, prompt_embeds=pos, negative_prompt_embeds=neg,
-                      reference_images=refs or None, width=W, height=H, steps=STEPS, guidance=guidance,
-                      noise=noise)
+    images = generate(
+        transformer=ours,
+        vae=vae,
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        reference_images=refs or None,
+        width=W,
+        height=H,
+        steps=STEPS,
+        guidance=guidance,
+        noise=noise,
+    )
     torch.testing.assert_close((images + 1) / 2, ref_images, rtol=1e-4, atol=1e-4)
 
     if n_refs:
         # The references must matter (guards against a test that passes with refs ignored).
-        plain = sample_latents(transformer=ours, prompt_embeds=pos, negative_prompt_embeds=neg,
-                               width=W, height=H, steps=STEPS, guidance=guidance, noise=noise)
+        plain = sample_latents(
+            transformer=ours,
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            width=W,
+            height=H,
+            steps=STEPS,
+            guidance=guidance,
+            noise=noise,
+        )
         assert (plain - latents).abs().max() > 1e-2

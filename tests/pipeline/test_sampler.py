@@ -35,10 +35,30 @@ class Recorder(nn.Module):
         self.calls: list[dict] = []
         self.zero = zero
 
-    def forward(self, *, img, img_ids, txt, txt_ids, timesteps, guidance=None, ref_img=None, ref_ids=None,
-                kv_cache=None):
-        self.calls.append(dict(n=img.shape[1], ids=img_ids.clone(), t=timesteps.clone(), guidance=guidance,
-                               txt=txt, ref_img=ref_img, kv=kv_cache))
+    def forward(
+        self,
+        *,
+        img,
+        img_ids,
+        txt,
+        txt_ids,
+        timesteps,
+        guidance=None,
+        ref_img=None,
+        ref_ids=None,
+        kv_cache=None,
+    ):
+        self.calls.append(
+            dict(
+                n=img.shape[1],
+                ids=img_ids.clone(),
+                t=timesteps.clone(),
+                guidance=guidance,
+                txt=txt,
+                ref_img=ref_img,
+                kv=kv_cache,
+            )
+        )
         if kv_cache is not None and ref_img is not None:
             kv_cache.num_ref_tokens = ref_img.shape[1]  # what the real model does when filling it
         if self.zero:
@@ -74,8 +94,16 @@ def test_base_true_cfg():
     pos, neg = _embeds("klein-base-4b")
     m = Recorder("klein-base-4b")
     noise = make_noise((1, 128, H // 16, W // 16), 0, "cpu")
-    out = sample_latents(transformer=m, prompt_embeds=pos, negative_prompt_embeds=neg, width=W, height=H,
-                         steps=1, guidance=3.0, noise=noise)
+    out = sample_latents(
+        transformer=m,
+        prompt_embeds=pos,
+        negative_prompt_embeds=neg,
+        width=W,
+        height=H,
+        steps=1,
+        guidance=3.0,
+        noise=noise,
+    )
     assert len(m.calls) == 2 and m.calls[0]["txt"] is not m.calls[1]["txt"]
     x = noise.reshape(1, 128, -1).transpose(1, 2)
     v_c, v_u = 0.1 * x + pos.mean(), 0.1 * x + neg.mean()
@@ -98,7 +126,7 @@ def test_references_appended_after_target_with_time_offsets():
     c = m.calls[0]
     assert c["n"] == n + 6 + 16 and out.shape == (1, 128, H // 16, W // 16)
     assert c["ids"][0, :n, 0].eq(0).all()
-    assert c["ids"][0, n:n + 6, 0].eq(10).all() and c["ids"][0, n + 6:, 0].eq(20).all()
+    assert c["ids"][0, n : n + 6, 0].eq(10).all() and c["ids"][0, n + 6 :, 0].eq(20).all()
 
 
 def test_kv_variant_fills_cache_once_and_releases_it():
@@ -123,17 +151,37 @@ def test_callback_and_cancel_leave_no_state():
         return info.step == 2
 
     with pytest.raises(GenerationCancelled, match="step 2 of 4"):
-        sample_latents(transformer=m, prompt_embeds=pos, reference_latents=refs, width=W, height=H, seed=5,
-                       callback=cancel_at_2)
+        sample_latents(
+            transformer=m,
+            prompt_embeds=pos,
+            reference_latents=refs,
+            width=W,
+            height=H,
+            seed=5,
+            callback=cancel_at_2,
+        )
     assert [i.step for i in seen] == [1, 2] and seen[0].total == 4
     assert seen[0].denoised.shape == (1, 128, H // 16, W // 16)
     assert not m.calls[-1]["kv"].filled  # the KV cache was released on cancel
     # A later full run equals a fresh one: nothing was left half-done.
     infos = []
-    a = sample_latents(transformer=m, prompt_embeds=pos, reference_latents=refs, width=W, height=H, seed=5,
-                       callback=infos.append)
-    b = sample_latents(transformer=Recorder("klein-9b-kv"), prompt_embeds=pos, reference_latents=refs,
-                       width=W, height=H, seed=5)
+    a = sample_latents(
+        transformer=m,
+        prompt_embeds=pos,
+        reference_latents=refs,
+        width=W,
+        height=H,
+        seed=5,
+        callback=infos.append,
+    )
+    b = sample_latents(
+        transformer=Recorder("klein-9b-kv"),
+        prompt_embeds=pos,
+        reference_latents=refs,
+        width=W,
+        height=H,
+        seed=5,
+    )
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     # At the last step sigma_next = 0, so the preview equals the result.
     assert infos[-1].sigma_next == 0.0
@@ -147,13 +195,17 @@ def test_callback_exceptions_propagate():
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=pos, width=W, height=H, callback=interrupt)
+        sample_latents(
+            transformer=Recorder("klein-4b"), prompt_embeds=pos, width=W, height=H, callback=interrupt
+        )
 
 
 def test_seeds_and_explicit_noise():
     pos, _ = _embeds("klein-4b")
-    run = lambda **kw: sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=pos,  # noqa: E731
-                                      width=W, height=H, **kw)
+
+    def run(**kw):
+        return sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=pos, width=W, height=H, **kw)
+
     torch.testing.assert_close(run(seed=7), run(seed=7), rtol=0, atol=0)
     assert (run(seed=7) - run(seed=8)).abs().max() > 0.1
     noise = torch.randn(1, 128, H // 16, W // 16, generator=torch.Generator().manual_seed(7))
@@ -176,8 +228,17 @@ def test_image_to_image_starts_at_matching_sigma():
     init = torch.randn(1, 128, H // 16, W // 16)
     noise = torch.randn(1, 128, H // 16, W // 16)
     seen = []
-    out = sample_latents(transformer=m, prompt_embeds=pos, width=W, height=H, steps=4, noise=noise,
-                         init_latents=init, denoise=0.5, callback=seen.append)
+    out = sample_latents(
+        transformer=m,
+        prompt_embeds=pos,
+        width=W,
+        height=H,
+        steps=4,
+        noise=noise,
+        init_latents=init,
+        denoise=0.5,
+        callback=seen.append,
+    )
     sig = flux2_sigmas(4, (W // 16) * (H // 16))
     assert len(m.calls) == 2 and [i.step for i in seen] == [1, 2] and seen[0].total == 2
     assert seen[0].sigma == pytest.approx(sig[2])
@@ -192,10 +253,19 @@ def test_image_to_image_starts_at_matching_sigma():
 def test_generate_image_to_image_with_vae(vae):
     pos, _ = _embeds("klein-4b")
     img = torch.rand(1, 3, H, W) * 2 - 1
-    out = generate(transformer=Recorder("klein-4b", zero=True), vae=vae, prompt_embeds=pos, init_image=img,
-                   denoise=0.25, steps=4, seed=1)
+    out = generate(
+        transformer=Recorder("klein-4b", zero=True),
+        vae=vae,
+        prompt_embeds=pos,
+        init_image=img,
+        denoise=0.25,
+        steps=4,
+        seed=1,
+    )
     sig = flux2_sigmas(4, (W // 16) * (H // 16))[3]
-    expected = vae.decode(sig * make_noise((1, 128, H // 16, W // 16), 1, "cpu") + (1 - sig) * vae.encode(img))
+    expected = vae.decode(
+        sig * make_noise((1, 128, H // 16, W // 16), 1, "cpu") + (1 - sig) * vae.encode(img)
+    )
     torch.testing.assert_close(out, expected.clamp(-1, 1))
 
 
@@ -208,17 +278,31 @@ def test_bad_sizes_rejected(w, h):
 
 def test_wrong_text_width_rejected():
     with pytest.raises(InputError, match="feature width"):
-        sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=torch.zeros(1, 5, 3), width=W, height=H)
+        sample_latents(
+            transformer=Recorder("klein-4b"), prompt_embeds=torch.zeros(1, 5, 3), width=W, height=H
+        )
 
 
 def test_batch_mismatch_rejected():
     pos, neg = _embeds("klein-base-4b", b=2)
     with pytest.raises(InputError, match="batch size 3"):
-        sample_latents(transformer=Recorder("klein-base-4b"), prompt_embeds=pos, width=W, height=H,
-                       negative_prompt_embeds=torch.cat([neg, neg[:1]]))
+        sample_latents(
+            transformer=Recorder("klein-base-4b"),
+            prompt_embeds=pos,
+            width=W,
+            height=H,
+            negative_prompt_embeds=torch.cat([neg, neg[:1]]),
+        )
     with pytest.raises(InputError, match="init_latents has batch size 3"):
-        sample_latents(transformer=Recorder("klein-base-4b"), prompt_embeds=pos, negative_prompt_embeds=neg,
-                       width=W, height=H, init_latents=torch.zeros(3, 128, H // 16, W // 16), denoise=0.5)
+        sample_latents(
+            transformer=Recorder("klein-base-4b"),
+            prompt_embeds=pos,
+            negative_prompt_embeds=neg,
+            width=W,
+            height=H,
+            init_latents=torch.zeros(3, 128, H // 16, W // 16),
+            denoise=0.5,
+        )
 
 
 def test_eleven_references_rejected(vae):
@@ -227,8 +311,13 @@ def test_eleven_references_rejected(vae):
         prepare_reference_latents(vae, images)
     pos, _ = _embeds("klein-4b")
     with pytest.raises(InputError, match="at most 10"):
-        sample_latents(transformer=Recorder("klein-4b"), prompt_embeds=pos, width=W, height=H,
-                       reference_latents=[torch.zeros(1, 128, 4, 4)] * 11)
+        sample_latents(
+            transformer=Recorder("klein-4b"),
+            prompt_embeds=pos,
+            width=W,
+            height=H,
+            reference_latents=[torch.zeros(1, 128, 4, 4)] * 11,
+        )
     assert len(prepare_reference_latents(vae, [torch.zeros(3, 64, 64)] * 10)) == 10
 
 
@@ -253,7 +342,9 @@ def test_pipeline_object_encodes_empty_negative_for_base(vae):
 
         def encode(self, prompts):
             self.seen.append(list(prompts))
-            return torch.full((len(prompts), 5, tiny_config("klein-base-4b").context_dim), float(len(prompts[0])))
+            return torch.full(
+                (len(prompts), 5, tiny_config("klein-base-4b").context_dim), float(len(prompts[0]))
+            )
 
     te = FakeTE()
     pipe = Flux2Pipeline(Recorder("klein-base-4b"), vae, text_encoder=te)

@@ -46,7 +46,14 @@ def test_ids():
     assert t[1, 3].tolist() == [0, 0, 0, 3]
     i = image_ids(2, 3)
     assert i.shape == (1, 6, 4)
-    assert i[0].tolist() == [[0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 2, 0], [0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 2, 0]]
+    assert i[0].tolist() == [
+        [0, 0, 0, 0],
+        [0, 0, 1, 0],
+        [0, 0, 2, 0],
+        [0, 1, 0, 0],
+        [0, 1, 1, 0],
+        [0, 1, 2, 0],
+    ]
 
 
 def test_reference_tokens_time_offsets():

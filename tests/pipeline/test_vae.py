@@ -20,8 +20,9 @@ from flux2_core.vae.tiling import resolve_tile
 def _images(b=2, h=64, w=96, seed=0):
     g = torch.Generator().manual_seed(seed)
     # Smooth content plus noise, like a real picture: tiling differences stay local.
-    base = torch.nn.functional.interpolate(torch.rand(b, 3, h // 16, w // 16, generator=g), size=(h, w),
-                                           mode="bilinear", align_corners=False)
+    base = torch.nn.functional.interpolate(
+        torch.rand(b, 3, h // 16, w // 16, generator=g), size=(h, w), mode="bilinear", align_corners=False
+    )
     return (base + 0.1 * torch.rand(b, 3, h, w, generator=g)) * 1.8 - 0.9
 
 
@@ -43,7 +44,10 @@ def _diffusers_decode(dv, latents):
 def test_all_layouts_load_identically(vae_files):
     models = {k: load_vae(p, dtype=torch.float32) for k, p in vae_files.items()}
     assert {k: m.checkpoint_format for k, m in models.items()} == {
-        "bfl": "bfl", "comfyui": "comfyui", "diffusers": "diffusers"}
+        "bfl": "bfl",
+        "comfyui": "comfyui",
+        "diffusers": "diffusers",
+    }
     ref = models["bfl"].state_dict()
     assert models["bfl"].config == Flux2VAEConfig.from_name("tiny")
     for m in models.values():
@@ -113,8 +117,9 @@ def test_tile_blending_is_exact_for_local_functions():
     torch.testing.assert_close(tiled, full, rtol=1e-5, atol=1e-5)
     img = torch.randn(1, 3, 320, 448, generator=g)
     enc = lambda t: torch.nn.functional.avg_pool2d(t, 16).repeat(1, 43, 1, 1)[:, :128]  # noqa: E731
-    torch.testing.assert_close(tiled_encode(enc, img, cfg, 128, torch.device("cpu"), torch.float32),
-                               enc(img), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        tiled_encode(enc, img, cfg, 128, torch.device("cpu"), torch.float32), enc(img), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tiled_decode_close_to_untiled(vae):
@@ -187,15 +192,21 @@ def test_refuses_diffusers_flux1_vae_folder(tmp_path):
     from diffusers import AutoencoderKL
 
     blocks = ("DownEncoderBlock2D",) * 2
-    AutoencoderKL(block_out_channels=(32, 32), latent_channels=16, down_block_types=blocks,
-                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        block_out_channels=(32, 32),
+        latent_channels=16,
+        down_block_types=blocks,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    ).save_pretrained(tmp_path / "vae")
     with pytest.raises(CheckpointError, match="FLUX.1"):
         load_vae(tmp_path)
 
 
 def test_refuses_transformer_and_text_encoder(tmp_path):
-    t = _write(tmp_path / "flux2-dev.safetensors", {
-        "double_stream_modulation_img.lin.weight": torch.zeros(6, 1), "img_in.weight": torch.zeros(1, 128)})
+    t = _write(
+        tmp_path / "flux2-dev.safetensors",
+        {"double_stream_modulation_img.lin.weight": torch.zeros(6, 1), "img_in.weight": torch.zeros(1, 128)},
+    )
     with pytest.raises(CheckpointError, match="diffusion transformer"):
         load_vae(t)
     te = _write(tmp_path / "qwen.safetensors", {"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)})
@@ -271,9 +282,20 @@ def test_encode_decode_parity_with_comfyui(tmp_path, vae, vae_files):
     x = _images(b=1)
     lat = vae.encode(x)
     save_file({"images": x, "latents": lat}, str(tmp_path / "io.safetensors"))
-    proc = subprocess.run([sys.executable, "-c", _COMFY_SCRIPT, comfy, vae_files["comfyui"],
-                           str(tmp_path / "io.safetensors"), str(tmp_path / "out.safetensors")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _COMFY_SCRIPT,
+            comfy,
+            vae_files["comfyui"],
+            str(tmp_path / "io.safetensors"),
+            str(tmp_path / "out.safetensors"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = load_file(str(tmp_path / "out.safetensors"))
     torch.testing.assert_close(out["latents"], lat, rtol=1e-4, atol=1e-4)

@@ -73,7 +73,7 @@ class TinyDiT(nn.Module):
             if self.fail_at == i:
                 self.single_blocks[i].lin1.register_forward_hook(_raise_once)
             x = self.single_blocks[i](x, mod)
-        return self.out(x[:, c.shape[1]:])
+        return self.out(x[:, c.shape[1] :])
 
 
 class Cancelled(Exception):

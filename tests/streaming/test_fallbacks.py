@@ -106,7 +106,9 @@ def test_pinned_cap_pins_up_to_the_cap_and_the_rest_stays_pageable(tiny_pair, in
         assert not pins.registered  # detach unpins everything
         cap = full.pinned_bytes // 2
         with caplog.at_level(logging.WARNING, logger="weight_streaming.host"):
-            with WeightStreamer(model, StreamingConfig(vram_budget=0, pin_memory=True, pinned_cap=cap), "cpu") as ws:
+            with WeightStreamer(
+                model, StreamingConfig(vram_budget=0, pin_memory=True, pinned_cap=cap), "cpu"
+            ) as ws:
                 t = ws.telemetry()
                 assert 0 < t.pinned_bytes <= cap
                 assert t.pinned_bytes + t.pageable_bytes == full.pinned_bytes

@@ -12,7 +12,9 @@ pytestmark = [
 
 
 def _models(tiny_pair, **kw):
-    model, ref = tiny_pair(d=256, n_double=4, n_single=12, sizes=[1024, 512, 1536, 768] + [1024, 2048] * 6, **kw)
+    model, ref = tiny_pair(
+        d=256, n_double=4, n_single=12, sizes=[1024, 512, 1536, 768] + [1024, 2048] * 6, **kw
+    )
     return model.to(torch.bfloat16), ref.to(torch.bfloat16).cuda()
 
 
@@ -21,7 +23,9 @@ def _inputs(inputs, seed=0):
 
 
 def _blocks_budget(model, n):
-    sizes = sorted(sum(p.nbytes for p in b.parameters()) for b in [*model.double_blocks, *model.single_blocks])
+    sizes = sorted(
+        sum(p.nbytes for p in b.parameters()) for b in [*model.double_blocks, *model.single_blocks]
+    )
     fixed = sum(p.nbytes for n_, p in model.named_parameters() if "blocks" not in n_) + sum(
         b.nbytes for b in model.buffers()
     )
@@ -66,14 +70,20 @@ def test_cuda_host_buffers_are_page_locked_and_the_ring_never_reallocates(tiny_p
 def test_cuda_cancel_mid_forward_then_forward_again(tiny_pair, inputs, cancelled_exc):
     model, ref = _models(tiny_pair)
     x = _inputs(inputs, seed=4)
-    with torch.no_grad(), WeightStreamer(model, StreamingConfig(vram_budget=_blocks_budget(model, 4)), "cuda") as ws:
+    with (
+        torch.no_grad(),
+        WeightStreamer(model, StreamingConfig(vram_budget=_blocks_budget(model, 4)), "cuda") as ws,
+    ):
         model.fail_at = 7
         with pytest.raises(cancelled_exc):
             model(*x)
         model.fail_at = None
         assert not any(s.busy for s in ws.ring.slots)
-        assert all(p.device.type == "cpu" for b in ws.plan.streamed_indices for p in
-                   [*model.double_blocks, *model.single_blocks][b].parameters())
+        assert all(
+            p.device.type == "cpu"
+            for b in ws.plan.streamed_indices
+            for p in [*model.double_blocks, *model.single_blocks][b].parameters()
+        )
         for _ in range(2):
             assert torch.equal(model(*x), ref(*x))
 
@@ -82,7 +92,9 @@ def test_cuda_auto_budget_uses_free_memory_less_activations_and_reserve(tiny_pai
     model, _ = _models(tiny_pair)
     free, _ = torch.cuda.mem_get_info()
     want = _blocks_budget(model, 3)
-    cfg = StreamingConfig(vram_budget="auto", activation_bytes=free - want - (64 << 20), reserve_bytes=64 << 20)
+    cfg = StreamingConfig(
+        vram_budget="auto", activation_bytes=free - want - (64 << 20), reserve_bytes=64 << 20
+    )
     with WeightStreamer(model, cfg, "cuda") as ws:
         assert ws.plan.budget <= want + (8 << 20)  # free memory moves a little (context, allocator)
         assert ws.plan.fits and ws.plan.streamed_indices

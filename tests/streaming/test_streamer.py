@@ -170,7 +170,10 @@ def test_models_without_declared_blocks_need_explicit_paths():
     enc, ref = Enc(), Enc()
     ref.load_state_dict(enc.state_dict())
     x = torch.randn(2, 4)
-    with torch.no_grad(), WeightStreamer(enc, StreamingConfig(vram_budget=0), "cpu", blocks=("model.layers",)):
+    with (
+        torch.no_grad(),
+        WeightStreamer(enc, StreamingConfig(vram_budget=0), "cpu", blocks=("model.layers",)),
+    ):
         assert torch.equal(enc(x), ref(x))
     with pytest.raises(StreamingError, match="no attribute path"):
         WeightStreamer(enc, device="cpu", blocks=("model.blocks",)).attach()

@@ -28,10 +28,15 @@ def _one_thread():
 @pytest.fixture(scope="session")
 def assets() -> Path:
     root = os.environ.get("FLUX2LOCAL_ASSETS")
-    if not root or not (Path(root) / "mistral3-tekken" / "tekken.json").is_file() or not (
-            Path(root) / "qwen3-tokenizer" / "tokenizer.json").is_file():
-        pytest.fail("tokenizer assets missing: run the tests through tests/run.sh (or `source .ci/env.sh`), "
-                    "which runs .ci/assets.sh and sets FLUX2LOCAL_ASSETS.")
+    if (
+        not root
+        or not (Path(root) / "mistral3-tekken" / "tekken.json").is_file()
+        or not (Path(root) / "qwen3-tokenizer" / "tokenizer.json").is_file()
+    ):
+        pytest.fail(
+            "tokenizer assets missing: run the tests through tests/run.sh (or `source .ci/env.sh`), "
+            "which runs .ci/assets.sh and sets FLUX2LOCAL_ASSETS."
+        )
     return Path(root)
 
 
@@ -47,7 +52,12 @@ def qwen_tokenizer_dir(assets) -> Path:
 
 @pytest.fixture(scope="session")
 def comfy_qwen25_dir() -> Path:
-    d = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI")) / "comfy" / "text_encoders" / "qwen25_tokenizer"
+    d = (
+        Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
+        / "comfy"
+        / "text_encoders"
+        / "qwen25_tokenizer"
+    )
     if not (d / "vocab.json").is_file():
         pytest.fail(f"ComfyUI's qwen25_tokenizer not found at {d}; set COMFYUI_PATH (see DEVELOPERS.md).")
     return d
@@ -128,8 +138,7 @@ def ref_states(reference, encoder):
             enc = encoder(kind, "hf")
             ids, mask = enc.tokenize(list(prompts))
             model = make_model() if make_model is not None else reference(kind)
-            memo[key] = _reference_stack(model, ids, mask,
-                                         enc.spec.hidden_layers)
+            memo[key] = _reference_stack(model, ids, mask, enc.spec.hidden_layers)
         return memo[key]
 
     return states
@@ -141,8 +150,9 @@ def ref_stack():
     return _reference_stack
 
 
-def _reference_stack(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    layers: tuple[int, ...]) -> torch.Tensor:
+def _reference_stack(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layers: tuple[int, ...]
+) -> torch.Tensor:
     """transformers' full forward with output_hidden_states, the chosen states concatenated per token.
 
     Runs the whole base model (all 40 / 36 layers, final norm) but not the vocabulary head, whose

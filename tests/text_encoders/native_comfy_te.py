@@ -29,14 +29,21 @@ sd = load_file(path)
 vocab, hidden = sd["model.embed_tokens.weight"].shape
 n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("model.layers."))
 head_dim = 32
-name = {"qwen3-4b": "Qwen3_4BConfig", "qwen3-8b": "Qwen3_8BConfig", "mistral3": "Mistral3Small24BConfig"}[kind]
+name = {"qwen3-4b": "Qwen3_4BConfig", "qwen3-8b": "Qwen3_8BConfig", "mistral3": "Mistral3Small24BConfig"}[
+    kind
+]
 tiny = dataclasses.make_dataclass(
     "Tiny" + name,
-    [("hidden_size", int, hidden), ("vocab_size", int, vocab), ("num_hidden_layers", int, n_layers),
-     ("intermediate_size", int, sd["model.layers.0.mlp.gate_proj.weight"].shape[0]),
-     ("num_attention_heads", int, sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim),
-     ("num_key_value_heads", int, sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim)],
-    bases=(getattr(llama, name),))
+    [
+        ("hidden_size", int, hidden),
+        ("vocab_size", int, vocab),
+        ("num_hidden_layers", int, n_layers),
+        ("intermediate_size", int, sd["model.layers.0.mlp.gate_proj.weight"].shape[0]),
+        ("num_attention_heads", int, sd["model.layers.0.self_attn.q_proj.weight"].shape[0] // head_dim),
+        ("num_key_value_heads", int, sd["model.layers.0.self_attn.k_proj.weight"].shape[0] // head_dim),
+    ],
+    bases=(getattr(llama, name),),
+)
 tiny.head_dim = head_dim  # a plain class attribute in ComfyUI's configs, not a field
 setattr(llama, name, tiny)
 

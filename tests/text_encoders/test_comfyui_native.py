@@ -24,8 +24,14 @@ def _run_native(path: Path, kind: str, inputs: list, tmp_path: Path) -> dict:
         pytest.fail(f"no ComfyUI tree at {comfy}; set COMFYUI_PATH (see DEVELOPERS.md).")
     out = tmp_path / "native.safetensors"
     env = dict(os.environ, PYTHONPATH=str(comfy), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(HERE / "native_comfy_te.py"), str(path), kind, str(out),
-                           json.dumps(inputs)], cwd=comfy, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "native_comfy_te.py"), str(path), kind, str(out), json.dumps(inputs)],
+        cwd=comfy,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report == {"missing": [], "unexpected": []}  # ComfyUI read every tensor of our file
@@ -57,4 +63,4 @@ def test_mistral3_matches_comfyui_flux2_model(layout, tiny_file, encoder, tmp_pa
     native = _run_native(tiny_file("mistral3", layout), "mistral3", [ids], tmp_path)
     ours = enc.encode(prompt)[0]
     assert native["out0"].shape == (len(ids), enc.context_dim)
-    assert_close(ours[-len(ids):], native["out0"], atol=2e-5, rtol=1e-4)
+    assert_close(ours[-len(ids) :], native["out0"], atol=2e-5, rtol=1e-4)

@@ -30,8 +30,9 @@ def test_independent_transformers_load_of_the_hf_folder(tiny_file, encoder, ref_
     from transformers import Mistral3ForConditionalGeneration
 
     path = tiny_file("mistral3", "hf")
-    ref = Mistral3ForConditionalGeneration.from_pretrained(path / "text_encoder", dtype=torch.float32,
-                                                           local_files_only=True).eval()
+    ref = Mistral3ForConditionalGeneration.from_pretrained(
+        path / "text_encoder", dtype=torch.float32, local_files_only=True
+    ).eval()
     enc = encoder("mistral3", "hf")
     ids, mask = enc.tokenize(["a lighthouse"])
     assert_close(enc.encode(["a lighthouse"]), ref_stack(ref, ids, mask, (10, 20, 30)))
@@ -42,8 +43,10 @@ def test_untruncated_model_gives_the_same_states(full_encoder, reference, ref_st
     enc = full_encoder("qwen3-4b")
     assert len(enc.model.layers) == 36
     calls = []
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in
-             enumerate(enc.model.layers)]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+        for i, layer in enumerate(enc.model.layers)
+    ]
     ids, mask = enc.tokenize(PROMPTS)
     out = enc.encode(PROMPTS)
     for h in hooks:
@@ -58,7 +61,7 @@ def test_mistral_left_padding(encoder):
     n = int(mask.sum())
     assert ids.shape == (1, 512)
     assert (ids[0, : 512 - n] == 11).all() and (mask[0, : 512 - n] == 0).all()
-    assert ids[0, 512 - n: 512 - n + 2].tolist() == [1, 17] and ids[0, -1] == 4
+    assert ids[0, 512 - n : 512 - n + 2].tolist() == [1, 17] and ids[0, -1] == 4
 
 
 def test_qwen_right_padding(encoder):
@@ -95,8 +98,20 @@ def test_long_prompt_truncated_with_warning(kind, encoder, reference, ref_stack,
 def test_empty_prompt_is_the_bare_template(encoder):
     enc = encoder("qwen3-4b", "hf")
     ids, mask = enc.tokenize([""])
-    assert ids[0, : int(mask.sum())].tolist() == [151644, 872, 198, 151645, 198, 151644, 77091, 198, 151667, 271,
-                                                  151668, 271]
+    assert ids[0, : int(mask.sum())].tolist() == [
+        151644,
+        872,
+        198,
+        151645,
+        198,
+        151644,
+        77091,
+        198,
+        151667,
+        271,
+        151668,
+        271,
+    ]
     out = enc.encode("")
     assert out.shape == (1, 512, 192) and torch.isfinite(out).all()
 

@@ -15,15 +15,18 @@ from flux2_core.tiny.text_encoder import _is_decoder_linear, quantize_fp8
 PROMPTS = ("a glass teapot on a wooden table",)
 
 
-@pytest.mark.parametrize(("kind", "layout", "expected_name"), [
-    ("mistral3", "comfyui", "decoder"),
-    ("mistral3", "comfyui-pruned", "decoder"),
-    ("mistral3", "comfyui-bundled", "comfyui-bundled"),
-    ("mistral3", "hf-legacy", "hf-mistral3-legacy"),
-    ("qwen3-4b", "comfyui", "decoder"),
-    ("qwen3-8b", "comfyui-bundled", "comfyui-bundled"),
-    ("qwen3-8b", "hf", "decoder"),
-])
+@pytest.mark.parametrize(
+    ("kind", "layout", "expected_name"),
+    [
+        ("mistral3", "comfyui", "decoder"),
+        ("mistral3", "comfyui-pruned", "decoder"),
+        ("mistral3", "comfyui-bundled", "comfyui-bundled"),
+        ("mistral3", "hf-legacy", "hf-mistral3-legacy"),
+        ("qwen3-4b", "comfyui", "decoder"),
+        ("qwen3-8b", "comfyui-bundled", "comfyui-bundled"),
+        ("qwen3-8b", "hf", "decoder"),
+    ],
+)
 def test_layout_equals_reference(kind, layout, expected_name, encoder, ref_states):
     enc = encoder(kind, layout)
     assert enc.checkpoint_layout == expected_name
@@ -52,7 +55,9 @@ def test_fp8_layouts_dequantize_per_layer(layout, encoder, reference, ref_states
     assert enc.quant == ("fp8" if layout == "comfyui-fp8" else "fp8-legacy")
     q = enc.model.layers[0].self_attn.q_proj
     assert isinstance(q, Fp8Linear) and q.weight.dtype == torch.float8_e4m3fn  # stays fp8 in memory
-    expected = ref_states("mistral3", PROMPTS, lambda: _dequantized_reference(reference("mistral3")), tag="fp8")
+    expected = ref_states(
+        "mistral3", PROMPTS, lambda: _dequantized_reference(reference("mistral3")), tag="fp8"
+    )
     assert_close(enc.encode(list(PROMPTS)), expected)
 
 
@@ -79,15 +84,20 @@ def test_config_inferred_from_shapes(encoder):
     assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (64, 2, 1, 32)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.num_hidden_layers) == (160, 151936, 36)
     mcfg = encoder("mistral3", "comfyui").model.config
-    assert (mcfg.head_dim, mcfg.num_attention_heads, mcfg.rope_theta if hasattr(mcfg, "rope_theta") else
-            mcfg.rope_parameters["rope_theta"]) == (32, 2, 1e9)
+    assert (
+        mcfg.head_dim,
+        mcfg.num_attention_heads,
+        mcfg.rope_theta if hasattr(mcfg, "rope_theta") else mcfg.rope_parameters["rope_theta"],
+    ) == (32, 2, 1e9)
 
 
 # ------------------------------------------------------------------------------------ wrong files
 def test_flux2_transformer_is_refused(tmp_path):
     from flux2_core.tiny.transformer import write_tiny_transformer
 
-    path = write_tiny_transformer(tmp_path / "flux-2-klein-4b.safetensors", variant="klein-4b", layout="comfyui")
+    path = write_tiny_transformer(
+        tmp_path / "flux-2-klein-4b.safetensors", variant="klein-4b", layout="comfyui"
+    )
     with pytest.raises(CheckpointError, match="diffusion transformer") as e:
         load_text_encoder(path)
     assert "Fix:" in str(e.value) and "qwen_3_4b" in str(e.value)
@@ -127,7 +137,9 @@ def test_missing_layers_and_tensors(tmp_path, tiny_file, qwen_tokenizer_dir):
     save_file(gap, str(tmp_path / "gap.safetensors"))
     with pytest.raises(CheckpointError, match=r"layers \[5\] are missing"):
         load_text_encoder(tmp_path / "gap.safetensors", tokenizer=qwen_tokenizer_dir)
-    short = {k: v for k, v in sd.items() if not any(k.startswith(f"model.layers.{i}.") for i in range(20, 36))}
+    short = {
+        k: v for k, v in sd.items() if not any(k.startswith(f"model.layers.{i}.") for i in range(20, 36))
+    }
     save_file(short, str(tmp_path / "short.safetensors"))
     with pytest.raises(CheckpointError, match="has 20 decoder layers"):
         load_text_encoder(tmp_path / "short.safetensors", tokenizer=qwen_tokenizer_dir)
@@ -144,8 +156,9 @@ def test_nvfp4_text_encoder_is_refused(tmp_path, tiny_file):
     w = sd["model.layers.0.self_attn.q_proj.weight"]
     sd["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8)
     sd["model.layers.0.self_attn.q_proj.weight_scale_2"] = torch.ones(())
-    sd["model.layers.0.self_attn.q_proj.comfy_quant"] = torch.tensor(list(json.dumps({"format": "nvfp4"}).encode()),
-                                                                     dtype=torch.uint8)
+    sd["model.layers.0.self_attn.q_proj.comfy_quant"] = torch.tensor(
+        list(json.dumps({"format": "nvfp4"}).encode()), dtype=torch.uint8
+    )
     save_file(sd, str(tmp_path / "fp4.safetensors"))
     with pytest.raises(CheckpointError, match="4-bit"):
         load_text_encoder(tmp_path / "fp4.safetensors")

@@ -38,20 +38,29 @@ def _real_decoder_entries(preset: str, kind: str, prefix: str = "") -> dict:
 
     s = DECODER_PRESETS[preset]
     cfg_cls, model_cls = (MistralConfig, MistralModel) if kind == "mistral3" else (Qwen3Config, Qwen3Model)
-    cfg = cfg_cls(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                  num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
-                  num_key_value_heads=s.num_key_value_heads, head_dim=s.head_dim)
+    cfg = cfg_cls(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers,
+        num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads,
+        head_dim=s.head_dim,
+    )
     with torch.device("meta"):
         model = model_cls(cfg)
     return {f"{prefix}model.{k}": (tuple(v.shape), torch.bfloat16) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize(("preset", "kind", "prefix", "context_dim"), [
-    ("mistral-small-3.2-24b", "mistral3", "", 15360),
-    ("mistral-small-3.2-24b", "mistral3", "text_encoders.mistral3_24b.transformer.", 15360),
-    ("qwen3-4b", "qwen3", "", 7680),
-    ("qwen3-8b", "qwen3", "text_encoders.qwen3_8b.transformer.", 12288),
-])
+@pytest.mark.parametrize(
+    ("preset", "kind", "prefix", "context_dim"),
+    [
+        ("mistral-small-3.2-24b", "mistral3", "", 15360),
+        ("mistral-small-3.2-24b", "mistral3", "text_encoders.mistral3_24b.transformer.", 15360),
+        ("qwen3-4b", "qwen3", "", 7680),
+        ("qwen3-8b", "qwen3", "text_encoders.qwen3_8b.transformer.", 12288),
+    ],
+)
 def test_real_size_layouts_infer_the_published_config(preset, kind, prefix, context_dim, tmp_path):
     entries = _real_decoder_entries(preset, kind, prefix)
     if kind == "mistral3":
@@ -60,8 +69,18 @@ def test_real_size_layouts_infer_the_published_config(preset, kind, prefix, cont
     layout = detect_layout(reader, tmp_path / "te.safetensors")
     expected = DECODER_PRESETS[preset]
     assert layout.kind == kind
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings"):
+    for field in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rope_theta",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert getattr(layout.shape, field) == getattr(expected, field), field
     assert TextEncoderSpec.for_kind(kind).context_dim(layout.shape.hidden_size) == context_dim
     # Every parameter of the real-size model (meta) has a file tensor of the same shape.
@@ -69,14 +88,19 @@ def test_real_size_layouts_infer_the_published_config(preset, kind, prefix, cont
     from transformers import MistralModel, Qwen3Model
 
     with torch.device("meta"):
-        model = (MistralModel if kind == "mistral3" else Qwen3Model)(_text_config(layout, layout.shape.num_hidden_layers))
+        model = (MistralModel if kind == "mistral3" else Qwen3Model)(
+            _text_config(layout, layout.shape.num_hidden_layers)
+        )
     for k, v in model.state_dict().items():
         assert reader.shape(names["model." + k]) == tuple(v.shape), k
 
 
 def test_pruned_real_mistral_detected(tmp_path):
-    entries = {k: v for k, v in _real_decoder_entries("mistral-small-3.2-24b", "mistral3").items()
-               if not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))}
+    entries = {
+        k: v
+        for k, v in _real_decoder_entries("mistral-small-3.2-24b", "mistral3").items()
+        if not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))
+    }
     layout = detect_layout(MetaReader(entries), tmp_path / "mistral_3_small_flux2_bf16.safetensors")
     assert layout.shape.num_hidden_layers == 30 and layout.kind == "mistral3"
 

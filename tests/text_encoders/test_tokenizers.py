@@ -47,7 +47,9 @@ def test_mistral_prompt_ids_equal_mistral_common_chat(tekken, mistral_common_tok
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     for prompt in ["a cat on a mat", 'a poster saying "hello"\nsecond line', "x" * 50]:
-        req = ChatCompletionRequest(messages=[SystemMessage(content=MISTRAL3_SYSTEM_PROMPT), UserMessage(content=prompt)])
+        req = ChatCompletionRequest(
+            messages=[SystemMessage(content=MISTRAL3_SYSTEM_PROMPT), UserMessage(content=prompt)]
+        )
         expected = mistral_common_tok.encode_chat_completion(req).tokens
         ours = tekken.prompt_ids(prompt)
         assert ours == expected
@@ -56,9 +58,11 @@ def test_mistral_prompt_ids_equal_mistral_common_chat(tekken, mistral_common_tok
 
 def test_mistral_prompt_ids_equal_published_template_string(tekken):
     # ComfyUI's literal template (BOS prepended), tokenized with control tokens parsed from the text.
-    template = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured responses "
-                "focusing on object relationships, object\nattribution and actions without speculation."
-                "[/SYSTEM_PROMPT][INST]{}[/INST]")
+    template = (
+        "[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured responses "
+        "focusing on object relationships, object\nattribution and actions without speculation."
+        "[/SYSTEM_PROMPT][INST]{}[/INST]"
+    )
     raw = tekken.tokenizer
     raw.encode_special_tokens = False
     try:
@@ -79,23 +83,42 @@ def test_qwen_template_matches_hf_chat_template(qwen, qwen_tokenizer_dir):
 
     hf = AutoTokenizer.from_pretrained(str(qwen_tokenizer_dir), local_files_only=True)
     for prompt in ["a cat on a mat", "", "line one\nline two <b>bold</b>"]:
-        text = hf.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                      add_generation_prompt=True, enable_thinking=False)
+        text = hf.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
+        )
         assert text == QWEN3_TEMPLATE.format(prompt)
         assert qwen.prompt_ids(prompt) == hf(text, add_special_tokens=False)["input_ids"]
 
 
 def test_qwen_template_ids_published(qwen):
     body = qwen.text_ids("a cat")
-    assert qwen.prompt_ids("a cat") == [151644, 872, 198, *body, 151645, 198, 151644, 77091, 198, 151667, 271,
-                                        151668, 271]
+    assert qwen.prompt_ids("a cat") == [
+        151644,
+        872,
+        198,
+        *body,
+        151645,
+        198,
+        151644,
+        77091,
+        198,
+        151667,
+        271,
+        151668,
+        271,
+    ]
 
 
 def test_qwen_vocab_merges_equal_tokenizer_json(qwen, comfy_qwen25_dir):
     from_vocab = qwen_tokenizer_from_vocab(comfy_qwen25_dir / "vocab.json", comfy_qwen25_dir / "merges.txt")
     for text in TEXTS + [QWEN3_TEMPLATE.format("a cat")]:
-        assert from_vocab.encode(text, add_special_tokens=False).ids == qwen.tokenizer.encode(
-            text, add_special_tokens=False).ids, text
+        assert (
+            from_vocab.encode(text, add_special_tokens=False).ids
+            == qwen.tokenizer.encode(text, add_special_tokens=False).ids
+        ), text
 
 
 def test_qwen_tokenizer_found_from_vocab_folder(comfy_qwen25_dir, qwen, tmp_path):
@@ -112,6 +135,18 @@ def test_missing_tokenizer_lists_where_it_looked(tmp_path):
     assert str(tmp_path / "tokenizer") in msg and "vocab.json" in msg and "Fix:" in msg
     with pytest.raises(CheckpointError, match="tekken_model"):
         load_prompt_tokenizer("mistral3", model)
+
+
+def test_fallback_tokenizer_dirs_are_searched_last(comfy_qwen25_dir, qwen, tmp_path):
+    """A Qwen3 file with no tokenizer beside it uses the host's fallback folder (ComfyUI's Qwen BPE files);
+    a tokenizer next to the weights still wins over the fallback."""
+    model = tmp_path / "qwen_3_4b.safetensors"
+    model.write_bytes(b"")
+    tok = load_prompt_tokenizer("qwen3", model, fallback_dirs=[comfy_qwen25_dir])
+    assert tok.prompt_ids("a red fox") == qwen.prompt_ids("a red fox")
+    assert str(comfy_qwen25_dir) in tok.source
+    with pytest.raises(CheckpointError, match="tekken_model"):  # Qwen BPE files are no Mistral tokenizer
+        load_prompt_tokenizer("mistral3", model, fallback_dirs=[comfy_qwen25_dir])
 
 
 def test_bad_tokenizer_path(tmp_path):
@@ -133,7 +168,12 @@ def test_mistral_tokenizer_json_from_transformers_converter(tekken, tekken_path,
     assert from_json.source.endswith("tokenizer.json")
     for prompt in ["a cat on a mat", TEXTS[1], TEXTS[3]]:
         assert from_json.prompt_ids(prompt) == tekken.prompt_ids(prompt)
-    messages = [{"role": "system", "content": MISTRAL3_SYSTEM_PROMPT}, {"role": "user", "content": "a cat on a mat"}]
+    messages = [
+        {"role": "system", "content": MISTRAL3_SYSTEM_PROMPT},
+        {"role": "user", "content": "a cat on a mat"},
+    ]
     rendered = hf.apply_chat_template(messages, tokenize=False)
-    assert rendered == f"<s>[SYSTEM_PROMPT]{MISTRAL3_SYSTEM_PROMPT}[/SYSTEM_PROMPT][INST]a cat on a mat[/INST]"
+    assert (
+        rendered == f"<s>[SYSTEM_PROMPT]{MISTRAL3_SYSTEM_PROMPT}[/SYSTEM_PROMPT][INST]a cat on a mat[/INST]"
+    )
     assert hf(rendered, add_special_tokens=False)["input_ids"] == tekken.prompt_ids("a cat on a mat")

@@ -66,10 +66,16 @@ def test_mistral_images_enter_the_input(mistral_vlm):
     assert not torch.allclose(emb_img[0, slots], emb_other[0, slots])  # and depend on the picture
     assert_close(emb_img[0, ~slots], plain[~slots])
     # several references are joined side by side into one picture
-    ids_two, _ = build_upsample_inputs(enc, "make the sky green", images=[_image(0), np.uint8(_image(1)[0] * 255)])
+    ids_two, _ = build_upsample_inputs(
+        enc, "make the sky green", images=[_image(0), np.uint8(_image(1)[0] * 255)]
+    )
     assert ids_two.count(10) > ids_img.count(10)
-    ids_batch, _ = build_upsample_inputs(enc, "make the sky green", images=[torch.cat([_image(0), _image(1)])])
-    assert ids_batch.count(10) == build_upsample_inputs(enc, "make the sky green", [_image(0), _image(1)])[0].count(10)
+    ids_batch, _ = build_upsample_inputs(
+        enc, "make the sky green", images=[torch.cat([_image(0), _image(1)])]
+    )
+    assert ids_batch.count(10) == build_upsample_inputs(enc, "make the sky green", [_image(0), _image(1)])[
+        0
+    ].count(10)
     out = enc.upsample("make the sky green", images=[_image(0)], seed=1, max_new_tokens=3)
     assert out == enc.tokenizer.decode(generate_ids(enc, emb_img, seed=1, max_new_tokens=3)).strip()
 
