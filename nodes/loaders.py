@@ -53,8 +53,10 @@ class Flux2LocalModelLoader(io.ComfyNode):
                 io.Boolean.Input(
                     "keep_fp8",
                     default=True,
-                    tooltip="For FP8 checkpoints: keep the weights in FP8 (half the memory) and dequantise per "
-                    "block at compute time. Off converts them to the compute dtype on load.",
+                    tooltip="For FP8 checkpoints: keep the block weights in FP8 (half the memory and half the bytes "
+                    "streamed). Cards with FP8 tensor cores (RTX 40xx and newer) run FP8 matmuls where the file has "
+                    "activation scales (BFL fp8 files); otherwise "
+                    "dequantise per layer. Off converts the weights to the compute dtype on load.",
                 ),
                 io.Float.Input(
                     "vram_budget_gb",

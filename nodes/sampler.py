@@ -235,4 +235,6 @@ class Flux2LocalSampler(io.ComfyNode):
                     denoise=denoise if init is not None else 1.0,
                     callback=on_step,
                 )
+            if model.streamer is not None:
+                log.info("Flux2Local: weight streaming: %s", model.streamer.telemetry(sync=True).summary())
         return io.NodeOutput({"samples": samples.to(memory.output_device(), torch.float32)})

@@ -47,6 +47,23 @@ class Telemetry:
     last_step_stall_s: float = 0.0
     mean_step_stall_s: float = 0.0
 
+    def summary(self) -> str:
+        """One line for logs and UIs, e.g. '17 resident / 39 streamed blocks, 41.1 GiB streamed ...'."""
+        gib = 1024**3
+        text = (
+            f"{self.resident_blocks} resident / {self.streamed_blocks} streamed blocks, "
+            f"{(self.fixed_bytes + self.resident_bytes) / gib:.1f} GiB kept on the GPU, "
+            f"{self.streamed_bytes / gib:.1f} GiB streamed ({self.pinned_bytes / gib:.1f} GiB pinned"
+        )
+        if self.pageable_bytes:
+            text += f", {self.pageable_bytes / gib:.1f} GiB pageable: slower"
+        text += ")"
+        if self.copy_bandwidth > 0:
+            text += f", copies at {self.copy_bandwidth / 1e9:.1f} GB/s"
+        if self.mean_step_stall_s > 0:
+            text += f", compute waited {self.mean_step_stall_s:.3f} s per step for copies"
+        return text
+
 
 class EventLog:
     """Timing events waiting to be read, read back only once they have completed (never blocks)."""

@@ -35,6 +35,9 @@ def test_streamed_output_is_bitwise_the_resident_output(tiny_pair, inputs, n_res
             t = ws.telemetry()
             assert t.steps == 3 and t.streamed_blocks == len(ws.plan.streamed_indices)
             assert t.streamed_bytes == ws.plan.streamed_bytes > 0
+            line = t.summary()
+            assert line.startswith(f"{t.resident_blocks} resident / {t.streamed_blocks} streamed blocks")
+            assert "GiB streamed" in line
 
 
 def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after(tiny_pair, inputs):
