@@ -51,6 +51,19 @@ if [ -f "$FLUX2LOCAL_ROOT/.ci/assets.sh" ]; then
     touch "$VENV/.assets-$akey"
   fi
 fi
+
+# Headless Chromium for the editor test (tests/comfyui/test_editor_opens_workflows.py): installed once
+# per version of browser.sh. A failure only warns here; that test then runs browser.sh again and FAILS.
+if [ -f "$FLUX2LOCAL_ROOT/.ci/browser.sh" ]; then
+  bkey=$(sha256sum "$FLUX2LOCAL_ROOT/.ci/browser.sh" | cut -c1-12)
+  if [ ! -f "$VENV/.browser-$bkey" ]; then
+    if bash "$FLUX2LOCAL_ROOT/.ci/browser.sh"; then
+      touch "$VENV/.browser-$bkey"
+    else
+      echo "warning: .ci/browser.sh could not install Chromium; the editor test will fail." >&2
+    fi
+  fi
+fi
 )
 if ! _flux2local_setup; then
   echo "error: setting up the Python environment at $VENV failed (see the messages above)." >&2

@@ -86,6 +86,9 @@ WIDGETS = {
     "Note": [],
 }
 SEED_WIDGETS = {("Flux2LocalSampler", "seed")}
+# An image_upload combo gets an upload button in the editor, whose value ("image") it saves right
+# after the file name: UI-only, never sent to the server.
+UPLOAD_WIDGETS = {("LoadImage", "image")}
 LINK_INPUTS = {
     "Flux2LocalEncodePrompt": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER"), ("upsample_images", "IMAGE")],
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("vae", "FLUX2LOCAL_VAE")]
@@ -254,6 +257,8 @@ def to_ui(nodes: list[Node], note: str, name: str) -> dict:
             widgets.append(value)
             if (n.type, name) in SEED_WIDGETS:
                 widgets.append("fixed")
+            if (n.type, name) in UPLOAD_WIDGETS:
+                widgets.append("image")
         ui_nodes.append(
             {
                 "id": n.id,
@@ -302,7 +307,8 @@ def to_ui(nodes: list[Node], note: str, name: str) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+        # The offset keeps the first row and the Note clear of the editor's side bar and tab bar.
+        "extra": {"ds": {"scale": 0.8, "offset": [80, 80]}},
         "version": 0.4,
     }
 

@@ -58,7 +58,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
     """Converts a UI-format workflow to API format the way the editor does, using /object_info.
 
     Widget values are matched to the schema's widget inputs in input order; an INT with
-    control_after_generate carries one extra UI-only value ("fixed", "randomize"...) that is dropped.
+    control_after_generate carries one extra UI-only value ("fixed", "randomize"...) that is dropped,
+    and so does an image_upload combo (the editor's upload button saves "image").
     """
     links = {link[0]: link for link in ui["links"]}
     out = {}
@@ -91,6 +92,8 @@ def ui_to_api(ui: dict, object_info: dict) -> dict:
                 inputs[name] = values.pop(0)
                 if opts.get("control_after_generate"):
                     values.pop(0)
+                if opts.get("image_upload") and values and values[0] == "image":
+                    values.pop(0)  # the upload button's value, saved by the editor after the file name
         if values:
             raise AssertionError(f"node {node['id']} ({node['type']}): unused widget values {values}")
         out[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}

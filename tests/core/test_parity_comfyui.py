@@ -19,7 +19,9 @@ COMFY = Path(os.environ.get("COMFYUI_PATH", Path.home() / "ComfyUI"))
 def comfy():
     if not (COMFY / "comfy" / "ldm" / "flux" / "model.py").is_file():
         # Parity with ComfyUI is a required check, never silently skipped.
-        pytest.fail(f"no pinned ComfyUI tree at {COMFY}: extract it as DEVELOPERS.md says (or set COMFYUI_PATH)")
+        pytest.fail(
+            f"no pinned ComfyUI tree at {COMFY}: extract it as DEVELOPERS.md says (or set COMFYUI_PATH)"
+        )
     sys.path.insert(0, str(COMFY))
     try:
         import comfy.cli_args
