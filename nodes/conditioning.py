@@ -98,6 +98,8 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
     ):
         device = memory.compute_device()
         with text_encoder.using(device):
+            if upsample_prompt:
+                text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
             encoder = text_encoder.prepare(device)
             if upsample_prompt:
                 prompt = encoder.upsample(

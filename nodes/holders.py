@@ -77,6 +77,18 @@ class ModuleHolder(memory.GpuHolder):
         self.device = device
         return self.module
 
+    def ensure_generation_ready(self) -> None:
+        """Loads a text encoder's generation parts (for upsampling) while its weights are off the GPU.
+
+        The weight streamer plans over the whole module and nothing may be added while it is
+        attached, so a model already on the GPU is given back first and re-planned on next use.
+        """
+        if getattr(self.module, "generation_ready", True):
+            return
+        self.offload()
+        self.module.ensure_generation_ready()
+        self.total_bytes = module_bytes(self.module)
+
     def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:
             return int(self.streaming.vram_budget_gb * GIB)

@@ -204,6 +204,12 @@ class Flux2TextEncoder(nn.Module):
         """Load what generation needs beyond encoding (later layers, output head, vision tower)."""
         if self._complete_for_generation is not None:
             self._complete_for_generation(self)
+            self._complete_for_generation = None
+
+    @property
+    def generation_ready(self) -> bool:
+        """True once what upsampling needs (later layers, output head, vision tower) is loaded."""
+        return self._complete_for_generation is None
 
     def upsample(
         self,

@@ -32,3 +32,22 @@ def test_weight_source_reads_file_tensors(encoder):
     raw = torch.empty(param.shape, dtype=torch.bfloat16)
     enc.weight_source.read_into(name, raw)  # stored dtype: straight from the file
     assert_close(raw.float(), param)
+
+
+def test_streamed_encoder_with_generation_parts_upsamples_like_resident(tiny_file):
+    """Upsampling loads later layers and the head; loaded before attaching, the streamer pages them too."""
+    from flux2_core import load_text_encoder
+
+    enc = load_text_encoder(tiny_file("qwen3-4b", "hf"), dtype=torch.float32, cache=None)
+    assert not enc.generation_ready
+    enc.ensure_generation_ready()
+    assert enc.generation_ready
+    expected = enc.upsample("a cat", seed=3, max_new_tokens=8)
+    block = sum(p.numel() * p.element_size() for p in enc.model.layers[0].parameters())
+    fixed = sum(p.numel() * p.element_size() for n, p in enc.named_parameters() if ".layers." not in n)
+    streamer = WeightStreamer(enc, StreamingConfig(vram_budget=fixed + 8 * block), device="cpu")
+    streamer.attach()
+    try:
+        assert enc.upsample("a cat", seed=3, max_new_tokens=8) == expected
+    finally:
+        streamer.detach()
