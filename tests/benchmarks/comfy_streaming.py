@@ -47,7 +47,9 @@ def find_comfyui(root: str) -> str | None:
     return None
 
 
-def unet_config(hidden: int, heads: int, depth: int, depth_single: int, context: int) -> dict:
+def unet_config(
+    hidden: int, heads: int, depth: int, depth_single: int, context: int, guidance: bool = True
+) -> dict:
     """ComfyUI's unet config for a FLUX.2 transformer (what its model detection gives for BFL keys)."""
     return dict(
         image_model="flux2",
@@ -70,7 +72,7 @@ def unet_config(hidden: int, heads: int, depth: int, depth_single: int, context:
         vec_in_dim=None,
         depth=depth,
         depth_single_blocks=depth_single,
-        guidance_embed=True,
+        guidance_embed=guidance,
     )
 
 

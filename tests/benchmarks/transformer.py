@@ -153,30 +153,9 @@ def bench_comfyui(c: Flux2Config, x: dict, warmup: int, iters: int, comfy_path: 
         sys.path.insert(0, comfy_path)
     import comfy.ldm.flux.model as flux_model
     import comfy.ops
+    from comfy_streaming import unet_config  # same folder: ComfyUI's config for BFL FLUX.2 keys
 
-    params = dict(
-        image_model="flux2",
-        axes_dim=[32, 32, 32, 32],
-        num_heads=c.num_heads,
-        mlp_ratio=3.0,
-        theta=2000,
-        out_channels=128,
-        global_modulation=True,
-        mlp_silu_act=True,
-        qkv_bias=False,
-        ops_bias=False,
-        default_ref_method="index",
-        ref_index_scale=10.0,
-        txt_ids_dims=[3],
-        patch_size=1,
-        in_channels=128,
-        hidden_size=c.hidden_size,
-        context_in_dim=c.context_dim,
-        vec_in_dim=None,
-        depth=c.depth,
-        depth_single_blocks=c.depth_single,
-        guidance_embed=c.guidance_embed,
-    )
+    params = unet_config(c.hidden_size, c.num_heads, c.depth, c.depth_single, c.context_dim, c.guidance_embed)
     model = flux_model.Flux(
         dtype=DTYPE, device="cuda", operations=comfy.ops.disable_weight_init, **params
     ).eval()
