@@ -154,8 +154,9 @@ class Flux2LocalContentFilter(io.ComfyNode):
         reference_images=None,
         images=None,
     ):
-        from ..flux2_core import InputError
+        from ..flux2_core import CheckpointError, InputError
         from ..flux2_core.safety import ContentFilter, EncoderChat, IntegrityJudge, load_nsfw_classifier
+        from ..flux2_core.safety.chat import HEAD_FIX
 
         prompt = prompt or ""
         has_images = reference_images is not None or images is not None
@@ -187,7 +188,10 @@ class Flux2LocalContentFilter(io.ComfyNode):
         device = memory.compute_device()
         use_vlm = vlm_check != "off"
         if use_vlm:
-            text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
+            try:
+                text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
+            except CheckpointError as e:
+                raise CheckpointError(e.path, e.problem, HEAD_FIX) from None
         with text_encoder.using(device) if use_vlm else contextlib.nullcontext():
             judge = IntegrityJudge(EncoderChat(text_encoder.prepare(device))) if use_vlm else None
             checks = ContentFilter(

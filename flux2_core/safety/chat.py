@@ -15,7 +15,7 @@ import torch
 from ..errors import CheckpointError
 from ..text_encoders.spec import MISTRAL3
 
-_HEAD_FIX = (
+HEAD_FIX = (
     "The content filter's VLM check needs the encoder's language-model head (like prompt upsampling): "
     "load the full model, e.g. the Hugging Face text_encoder/ folder of Mistral Small 3.x, or set "
     "vlm_check to off."
@@ -59,9 +59,9 @@ class EncoderChat:
         try:
             encoder.ensure_generation_ready()
         except CheckpointError as e:
-            raise CheckpointError(e.path, e.problem, _HEAD_FIX) from None
+            raise CheckpointError(e.path, e.problem, HEAD_FIX) from None
         if encoder.lm_head is None:
-            raise CheckpointError(None, "the text encoder has no language-model head.", _HEAD_FIX)
+            raise CheckpointError(None, "the text encoder has no language-model head.", HEAD_FIX)
         self.encoder = encoder
 
     @property

@@ -212,3 +212,12 @@ def test_signing_without_model_or_key_is_a_clear_error(comfy, safety_models):
     prompt["24"]["inputs"]["c2pa_private_key"] = ""
     err = history_error(comfy.run(prompt))
     assert err is not None and "needs both c2pa_certificate and c2pa_private_key" in err["exception_message"]
+
+
+def test_vlm_check_with_comfyui_mistral_file_says_what_to_load(comfy, safety_models):
+    prompt = _filtered_prompt(safety_models)
+    prompt["20"]["inputs"]["text_encoder_name"] = "mistral_3_small_flux2_bf16.safetensors"  # no output head
+    err = _blocked(comfy, prompt)
+    msg = err["exception_message"]
+    assert "mistral_3_small_flux2_bf16.safetensors" in msg and "no output head" in msg
+    assert "VLM check needs the encoder's language-model head" in msg and "text_encoder/ folder" in msg
