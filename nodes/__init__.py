@@ -20,6 +20,7 @@ from comfy_api.latest import ComfyExtension, io
 from . import memory
 from .conditioning import Flux2LocalEncodePrompt, Flux2LocalMultiReference
 from .loaders import Flux2LocalModelLoader, Flux2LocalTextEncoderLoader, Flux2LocalVAELoader
+from .safety import Flux2LocalCheckProvenance, Flux2LocalContentFilter, Flux2LocalSaveImage
 from .sampler import Flux2LocalSampler
 from .vae_nodes import Flux2LocalVAEDecode, Flux2LocalVAEEncode
 
@@ -32,6 +33,9 @@ NODES: list[type[io.ComfyNode]] = [
     Flux2LocalVAELoader,
     Flux2LocalVAEDecode,
     Flux2LocalVAEEncode,
+    Flux2LocalContentFilter,
+    Flux2LocalSaveImage,
+    Flux2LocalCheckProvenance,
 ]
 
 

@@ -32,6 +32,9 @@ NODE_IDS = (
     "Flux2LocalVAELoader",
     "Flux2LocalVAEDecode",
     "Flux2LocalVAEEncode",
+    "Flux2LocalContentFilter",
+    "Flux2LocalSaveImage",
+    "Flux2LocalCheckProvenance",
 )
 
 

@@ -112,9 +112,11 @@ def prepare_vlm_image(images: Sequence, unit: int, max_pixels: int = _MAX_VLM_PI
 
 
 def build_upsample_inputs(
-    encoder, prompt: str, images: Sequence | None = None
+    encoder, prompt: str, images: Sequence | None = None, system: str | None = None
 ) -> tuple[list[int], torch.Tensor]:
     """Token ids and input embeddings of the upsampling chat.
+
+    ``system`` replaces the upsampling system prompt (the content filter asks its own question).
 
     Returns:
         ``ids`` (list of L ints) and ``embeds`` (1, L, hidden) with image features placed at [IMG] tokens.
@@ -130,7 +132,8 @@ def build_upsample_inputs(
             "Qwen3" if encoder.kind != MISTRAL3 else "this file (no vision tower)",
             len(images),
         )
-    system = SYSTEM_PROMPT_I2I if images else SYSTEM_PROMPT_T2I
+    if system is None:
+        system = SYSTEM_PROMPT_I2I if images else SYSTEM_PROMPT_T2I
     model = encoder.model
     if not use_images:
         ids = tok.chat_ids(system, prompt)

@@ -14,6 +14,9 @@ DISPLAY_NAMES = {
     "Flux2LocalVAELoader": "FLUX.2 VAE Loader",
     "Flux2LocalVAEDecode": "FLUX.2 VAE Decode",
     "Flux2LocalVAEEncode": "FLUX.2 VAE Encode",
+    "Flux2LocalContentFilter": "FLUX.2 Content Filter",
+    "Flux2LocalSaveImage": "FLUX.2 Save Image",
+    "Flux2LocalCheckProvenance": "FLUX.2 Check Provenance",
 }
 
 
