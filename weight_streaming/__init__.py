@@ -29,6 +29,7 @@ from .hostmem import (
     host_ram_bytes,
     pinned_in_use,
     pinned_limit,
+    release_kept_pinned,
     set_external_pinned,
     set_pinned_limit,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "pinned_in_use",
     "pinned_limit",
     "plan_residency",
+    "release_kept_pinned",
     "set_external_pinned",
     "set_pinned_limit",
 ]

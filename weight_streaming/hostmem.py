@@ -248,6 +248,17 @@ class PinnedLedger:
         with self._lock:
             self._idle.pop(id(holder), None)
 
+    def release_idle(self) -> int:
+        """Ask every idle holder to give its kept buffers back now; returns the bytes released."""
+        with self._lock:
+            holders = [r() for r in self._idle.values()]
+        freed = 0
+        for h in holders:
+            if h is not None:
+                freed += h.reclaim_pinned()
+                self.forget_idle(h)
+        return freed
+
 
 LEDGER = PinnedLedger()
 
@@ -263,6 +274,14 @@ def set_pinned_limit(nbytes: int | None) -> None:
 def set_external_pinned(fn: Callable[[], int] | None) -> None:
     """Count bytes page-locked outside weight_streaming (e.g. by the host application) in the limit."""
     LEDGER.set_external(fn)
+
+
+def release_kept_pinned() -> int:
+    """Unpin the buffers every detached streamer of the process kept for a quick re-attach.
+
+    For the host application's "free memory" actions; returns the bytes released.
+    """
+    return LEDGER.release_idle()
 
 
 def pinned_limit() -> int:

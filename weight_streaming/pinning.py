@@ -174,6 +174,13 @@ def fill_host(
     shared = {"failed": False, "lock": threading.Lock()}
     mine = copied = 0
     reused: set[int] = set()
+    for lay in layouts:  # before any reservation, so an error leaves nothing reserved
+        if source is None and any(s.param.device.type == "meta" for s in lay.params):
+            raise StreamingError(
+                f"block {lay.prefix} is on the meta device and no weight source was given: pass source= "
+                "(an object with read_into(name, out)) or load the weights before attaching."
+            )
+    copy_limit = hostmem.default_pinned_limit() if not pin else 0
     for j, lay in enumerate(layouts):
         buf = kept.pop(lay.prefix, None)
         if buf is not None and lay.points_into(buf.data):
@@ -186,11 +193,6 @@ def fill_host(
         if buf is not None:
             buf.release()
         has_data = all(s.param.device.type != "meta" for s in lay.params)
-        if not has_data and source is None:
-            raise StreamingError(
-                f"block {lay.prefix} is on the meta device and no weight source was given: pass source= "
-                "(an object with read_into(name, out)) or load the weights before attaching."
-            )
         n = lay.nbytes
         if pin and (cap is None or mine + n <= cap) and hostmem.LEDGER.try_reserve(n, exclude=owner):
             mine += n
@@ -202,7 +204,7 @@ def fill_host(
         elif source is not None and not has_data:
             # Pinning off: an ordinary host copy read from the source while RAM allows (the same RAM
             # rule as the pinned limit). Past the limit: nothing is copied, the file is read each step.
-            if not pin and copied + n <= hostmem.default_pinned_limit():
+            if not pin and copied + n <= copy_limit:
                 copied += n
                 work[j] = _PinWork(lay, source, shared, pin=False)
             else:

@@ -162,6 +162,23 @@ def test_detach_keeping_pinned_buffers_then_reattach_does_not_pin_again(
         assert torch.equal(model(*x), ref(*x))
 
 
+def test_release_kept_pinned_frees_every_detached_streamers_buffers(tiny_pair, fake_pins, fresh_ledger):
+    from weight_streaming import release_kept_pinned
+
+    a, _ = tiny_pair()
+    b, _ = tiny_pair()
+    cfg = StreamingConfig(vram_budget=0, pin_memory=True)
+    wa, wb = WeightStreamer(a, cfg, "cpu"), WeightStreamer(b, cfg, "cpu")
+    wa.attach()
+    wb.attach()
+    kept = wa.telemetry().pinned_bytes
+    wa.detach(keep_pinned=True)
+    assert release_kept_pinned() == kept  # b is attached: its buffers are in use and stay
+    assert wa.kept_pinned_bytes == 0 and fresh_ledger.used == wb.telemetry().pinned_bytes > 0
+    wb.detach()
+    assert fresh_ledger.used == 0 and not fake_pins.registered
+
+
 def test_release_pinned_gives_kept_buffers_back(tiny_pair, inputs, fake_pins, fresh_ledger):
     model, ref = tiny_pair()
     ws = WeightStreamer(model, StreamingConfig(vram_budget=0, pin_memory=True), "cpu")
