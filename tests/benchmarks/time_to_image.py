@@ -241,6 +241,8 @@ def run_system(
     shutil.rmtree(base_dir / "models")
     (base_dir / "models").symlink_to(models, target_is_directory=True)
     rt.link_packs(base_dir, args.smoke)
+    if system != "ours" and not args.smoke:  # ComfyUI on its own (smoke runs need our encoder for it)
+        (base_dir / "custom_nodes" / "flux2local-under-test").unlink()
     extra = rt.frontend_args() + (["--fast", "dynamic_vram"] if system == "comfy-dynamic" else [])
     ram = rt.RamLimit(limit, allow_ballast=not args.smoke)
     cache = rt.drop_page_cache(files, everything=not args.smoke)
