@@ -5,12 +5,18 @@
     with torch.inference_mode():
         out = streamer.call(model, **inputs)   # a forward pass; lowers residency on a CUDA OOM
     streamer.telemetry()               # bytes, pinned bytes, copy bandwidth, stall per step
+    streamer.detach(keep_pinned=True)  # device memory given back; pinned host buffers kept
+    streamer.attach()                  # quick: reuses the kept buffers (no re-pin)
     streamer.detach()                  # model back on the CPU, device and pinned memory released
 
 The model declares its block lists (`streamable_blocks = ("double_blocks", "single_blocks")`) or they
 are passed as `blocks=`. `StreamingConfig.block_seconds` (e.g. from `measure_block_seconds` on a resident
 run) lets the planner compare plans by modelled step time; without it, `StreamingConfig.block_flops`
 (FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe.
+
+Host memory: all streamers of the process share one page-locked limit (`set_pinned_limit`; by default
+like ComfyUI's). Past it, blocks stream from the memory they already live in, or from their weight
+source, with one log line saying so. `WeightStreamer(progress=...)` reports attach progress.
 """
 
 from .blocks import find_blocks
@@ -18,6 +24,16 @@ from .config import PRESETS, StreamingConfig
 from .errors import StreamingError
 from .estimate import estimate_block_seconds, measure_matmul_flops
 from .host import WeightSource
+from .hostmem import (
+    default_pinned_limit,
+    host_ram_bytes,
+    pinned_in_use,
+    pinned_limit,
+    release_kept_pinned,
+    set_external_pinned,
+    set_pinned_limit,
+)
+from .pinning import AttachProgress
 from .planner import Plan, Timing, plan_residency
 from .profile import measure_block_seconds, measure_link_bandwidth
 from .streamer import WeightStreamer
@@ -25,6 +41,7 @@ from .telemetry import Telemetry
 
 __all__ = [
     "PRESETS",
+    "AttachProgress",
     "Plan",
     "StreamingConfig",
     "StreamingError",
@@ -32,10 +49,17 @@ __all__ = [
     "Timing",
     "WeightSource",
     "WeightStreamer",
+    "default_pinned_limit",
     "estimate_block_seconds",
     "find_blocks",
+    "host_ram_bytes",
     "measure_block_seconds",
     "measure_link_bandwidth",
     "measure_matmul_flops",
+    "pinned_in_use",
+    "pinned_limit",
     "plan_residency",
+    "release_kept_pinned",
+    "set_external_pinned",
+    "set_pinned_limit",
 ]

@@ -31,9 +31,13 @@ class StreamingConfig:
             time minus `activation_bytes` minus `reserve_bytes`. On a CPU device "auto" means no limit.
         activation_bytes: the caller's estimate of the activations' peak (only used by "auto").
         reserve_bytes: memory left free for everything else, e.g. ComfyUI's reserve (only used by "auto").
-        pinned_cap: most bytes of page-locked host memory to use; None is no cap. Blocks past the cap
-            stay in ordinary (pageable) memory, which is about 7x slower to copy.
-        pin_memory: page-lock the streamed weights; None pins when the device is CUDA.
+        pinned_cap: most bytes of page-locked host memory this model may use; None is no cap of its
+            own. The process-wide limit (`set_pinned_limit`, by default like ComfyUI's: 40% of RAM on
+            Windows, else the lesser of 90% of RAM and RAM - 4 GiB) applies on top. Blocks past either
+            are not copied again: they stream from the memory they are in (ordinary RAM or a mapped
+            file's page cache, about 7x slower to copy) or are read from the weight source each step.
+        pin_memory: page-lock the streamed weights; None pins when the device is CUDA. False is
+            ComfyUI's ``--disable-pinned-memory`` for this model.
         prefetch_depth: how many streamed blocks are copied ahead of the one running (>= 1).
         ring_slots: number of device buffers in the ring; None is prefetch_depth + 1 (the running block
             plus the ones in flight), the fewest that lets copies overlap compute.
@@ -49,6 +53,7 @@ class StreamingConfig:
         flops_efficiency: fraction of the matmul rate a whole block reaches (see `estimate`).
         max_oom_retries: how often a device out-of-memory while attaching lowers the budget and retries.
         oom_shrink: factor applied to the budget on each such retry.
+        pin_threads: threads that page-lock and fill streamed blocks at attach; None is up to 8.
     """
 
     vram_budget: int | Literal["auto"] = "auto"
@@ -66,6 +71,7 @@ class StreamingConfig:
     flops_efficiency: float = DEFAULT_FLOPS_EFFICIENCY
     max_oom_retries: int = 4
     oom_shrink: float = 0.85
+    pin_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.vram_budget != "auto" and (not isinstance(self.vram_budget, int) or self.vram_budget < 0):
@@ -87,6 +93,8 @@ class StreamingConfig:
             )
         if self.block_flops is not None and any(f < 0 for f in self.block_flops):
             raise StreamingError("block_flops must all be >= 0 (FLOPs of each block in execution order).")
+        if self.pin_threads is not None and self.pin_threads < 1:
+            raise StreamingError(f"pin_threads={self.pin_threads} is not valid: it must be at least 1.")
         if not 0.0 < self.oom_shrink < 1.0:
             raise StreamingError(f"oom_shrink={self.oom_shrink} is not valid: it must lie in (0, 1).")
 

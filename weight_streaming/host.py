@@ -1,14 +1,24 @@
-"""Host-side storage of streamed blocks: one contiguous (pinned where possible) buffer per block."""
+"""Host-side storage of streamed blocks, in three kinds (what `Telemetry` reports them as):
+
+- pinned: one contiguous page-locked buffer per block (`HostBuffer`), copied to the device in one DMA
+  transfer. Filled at attach from the parameters or from a weight source.
+- pageable: the parameters' own CPU memory, left where it is (`InPlaceHost`): ordinary memory or the
+  page cache of a memory-mapped file, copied tensor by tensor. No second copy is made, so a model
+  larger than the RAM that may be locked still runs (the OS pages the mapped file in and out).
+- sourced: no host copy at all (`SourcedHost`): the bytes are read from the weight source (the file)
+  into a staging buffer each time the block is needed (see `staging.py`).
+"""
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
+
+from . import hostmem
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +28,11 @@ ALIGN = 256
 
 
 class WeightSource(Protocol):
-    """Where weights can be read from straight into a preallocated tensor (e.g. a safetensors file)."""
+    """Where weights can be read from straight into a preallocated tensor (e.g. a safetensors file).
+
+    A source whose ``read_into`` may run in several threads at once (each call opens its own file
+    handle, say) sets a class attribute ``thread_safe = True``: attach then reads blocks in parallel.
+    """
 
     def read_into(self, name: str, out: torch.Tensor) -> None:
         """Fill `out` (stored dtype and shape) with the tensor stored under `name`."""
@@ -69,35 +83,112 @@ class BlockLayout:
         """Typed views of each parameter inside a uint8 buffer laid out like this block."""
         return [buf[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape) for s in self.params]
 
+    @property
+    def param_bytes(self) -> int:
+        """Bytes of the parameters themselves (without the alignment padding)."""
+        return sum(s.nbytes for s in self.params)
 
-def _register(t: torch.Tensor) -> None:
-    """Page-lock an existing host allocation (cudaHostRegister) so copies from it are DMA transfers.
+    def on_cpu(self) -> bool:
+        """True if every parameter has real data in host memory (not meta, not on a device)."""
+        return all(s.param.device.type == "cpu" for s in self.params)
 
-    Registering our own allocation, rather than allocating through torch's pinned allocator, keeps the
-    pinned bytes equal to the bytes asked for (torch's caching host allocator rounds up to a power of
-    two, up to 2x).
+    def points_into(self, buf: torch.Tensor) -> bool:
+        """True if each parameter is exactly its view of `buf` (a kept buffer still matches the block)."""
+        if buf.numel() != self.nbytes:
+            return False
+        base = buf.data_ptr()
+        return all(
+            s.param.device.type == "cpu"
+            and s.param.dtype == s.dtype
+            and s.param.shape == s.shape
+            and s.param.data_ptr() == base + s.offset
+            for s in self.params
+        )
+
+
+class BlockHost:
+    """Where one streamed block's bytes live between its uses; copies them into a ring slot.
+
+    Attributes:
+        kind: "pinned", "pageable" or "sourced" (see the module docstring).
+        nbytes: bytes copied to the device per use.
+        views: what the block's parameters point at outside its forward (same order as the layout).
     """
-    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister failed with CUDA error {int(err)}")
+
+    kind = ""
+    nbytes = 0
+    views: list[torch.Tensor]
+    originals: list[torch.Tensor] | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return False
+
+    def copy_to(self, buf: torch.Tensor, slot_views: list[torch.Tensor]) -> int:
+        """Issue the host-to-device copy into a ring slot (on the current stream); returns bytes."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Give back page locks or staging held for this block (the bytes the parameters need stay)."""
 
 
-def _unregister(t: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+class HostBuffer(BlockHost):
+    """A block's bytes in one contiguous host buffer; page-locked if `pinned` (counted in the ledger).
 
+    Unpins itself before the memory is freed.
+    """
 
-class HostBuffer:
-    """A block's host bytes; page-locked if `pinned`. Unpins itself before the memory is freed."""
-
-    def __init__(self, data: torch.Tensor, pinned: bool) -> None:
+    def __init__(
+        self,
+        data: torch.Tensor,
+        pinned: bool,
+        views: list[torch.Tensor] | None = None,
+        originals: list[torch.Tensor] | None = None,
+    ) -> None:
         self.data = data
-        self.pinned = pinned
+        self._pinned = pinned
+        self.views = views if views is not None else []
+        self.nbytes = data.numel()
+        # The (meta) tensors the parameters had before the buffer was read from a weight source: a
+        # full detach points them back there, so the host copy is freed.
+        self.originals = originals
+        self.layout: BlockLayout | None = None  # set while kept across a detach
+
+    @property
+    def kind(self) -> str:  # type: ignore[override]
+        return "pinned" if self._pinned else "pageable"
+
+    @property
+    def pinned(self) -> bool:
+        return self._pinned
+
+    def copy_to(self, buf: torch.Tensor, slot_views: list[torch.Tensor]) -> int:
+        buf[: self.nbytes].copy_(self.data, non_blocking=True)
+        return self.nbytes
+
+    def pin(self) -> bool:
+        """Page-lock the buffer in place again (after `unpin`), within the ledger's limit."""
+        if self._pinned:
+            return True
+        if not hostmem.LEDGER.try_reserve(self.nbytes):
+            return False
+        try:
+            hostmem.register(self.data)
+        except RuntimeError:
+            hostmem.LEDGER.release(self.nbytes)
+            return False
+        self._pinned = True
+        return True
 
     def unpin(self) -> None:
         """Release the page lock; the bytes stay where they are as ordinary memory."""
-        if self.pinned:
-            self.pinned = False
-            _unregister(self.data)
+        if self._pinned:
+            self._pinned = False
+            hostmem.LEDGER.release(self.nbytes)
+            hostmem.unregister(self.data)
+
+    def release(self) -> None:
+        self.unpin()
 
     def __del__(self) -> None:
         try:
@@ -106,78 +197,33 @@ class HostBuffer:
             pass
 
 
-class HostAllocator:
-    """Hands out block buffers, pinned while the cap allows and pinning works, else pageable.
+class InPlaceHost(BlockHost):
+    """A block streamed from its parameters' own CPU memory (pageable RAM or a mapped file's pages)."""
 
-    Thread-safe: attach fills blocks from several threads (page-locking runs in the driver without the
-    GIL, so registering blocks in parallel shortens attach several times).
-    """
+    kind = "pageable"
 
-    def __init__(self, pin: bool, cap: int | None) -> None:
-        self.pin = pin
-        self.cap = cap
-        self.pinned_bytes = 0
-        self.pageable_bytes = 0
-        self._failed = False
-        self._warned_cap = False
-        self._lock = threading.Lock()
+    def __init__(self, layout: BlockLayout) -> None:
+        self.views = [s.param.data for s in layout.params]
+        self.nbytes = layout.nbytes  # as the plan counts it (aligned); the copies move param_bytes
+        self._copied = layout.param_bytes
 
-    def _reserve_pin(self, nbytes: int) -> bool:
-        with self._lock:
-            if not self.pin or self._failed:
-                return False
-            if self.cap is not None and self.pinned_bytes + nbytes > self.cap:
-                if not self._warned_cap:
-                    self._warned_cap = True
-                    logger.warning(
-                        "pinned-memory cap of %.2f GiB reached: further streamed blocks stay in pageable "
-                        "RAM and copy several times slower. Raise the cap (pinned_cap) if RAM allows.",
-                        self.cap / 2**30,
-                    )
-                return False
-            self.pinned_bytes += nbytes
-            return True
-
-    def allocate(self, nbytes: int) -> HostBuffer:
-        data = torch.empty(nbytes, dtype=torch.uint8)
-        if self._reserve_pin(nbytes):
-            try:
-                # Registering before the buffer is written lets the driver fault the pages in itself,
-                # which is much faster than first-touch page faults from the copy.
-                _register(data)
-            except RuntimeError as exc:
-                with self._lock:
-                    self.pinned_bytes -= nbytes
-                    first, self._failed = not self._failed, True
-                if first:  # after one failure stop trying: the OS refused page-locked memory
-                    logger.warning(
-                        "could not pin host memory (%s): streamed blocks fall back to pageable RAM and "
-                        "copy several times slower. Free RAM or lower pinned_cap.",
-                        exc,
-                    )
-            else:
-                return HostBuffer(data, True)
-        with self._lock:
-            self.pageable_bytes += nbytes
-        return HostBuffer(data, False)
-
-    def release(self, buf: HostBuffer) -> None:
-        if buf.pinned:
-            self.pinned_bytes -= buf.data.numel()
-            buf.unpin()
-        else:
-            self.pageable_bytes -= buf.data.numel()
+    def copy_to(self, buf: torch.Tensor, slot_views: list[torch.Tensor]) -> int:
+        for dst, src in zip(slot_views, self.views):
+            dst.copy_(src, non_blocking=True)
+        return self._copied
 
 
 def set_param_data(p: nn.Parameter, data: torch.Tensor) -> None:
     """Point a parameter at new data; a meta parameter is swapped in place (.data cannot leave meta)."""
     if p.device.type == "meta" and data.device.type != "meta":
         torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
+    elif p.device.type != "meta" and data.device.type == "meta":
+        torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
     else:
         p.data = data
 
 
-def fill_block(layout: BlockLayout, buf: HostBuffer, source: WeightSource | None) -> list[torch.Tensor]:
+def fill_block(layout: BlockLayout, buf: torch.Tensor, source: WeightSource | None) -> list[torch.Tensor]:
     """Copy a block's weights into its host buffer and point its parameters at the views.
 
     With no source, each parameter's current (CPU) data is copied in and then dropped, so a block's
@@ -187,7 +233,7 @@ def fill_block(layout: BlockLayout, buf: HostBuffer, source: WeightSource | None
     Returns:
         The views, in `layout.params` order (the parameters now point at them).
     """
-    views = layout.views(buf.data)
+    views = layout.views(buf)
     for slot, view in zip(layout.params, views):
         p = slot.param
         if source is not None:
@@ -199,5 +245,6 @@ def fill_block(layout: BlockLayout, buf: HostBuffer, source: WeightSource | None
             )
         else:
             view.copy_(p.data)
-        set_param_data(p, view)
+    for slot, view in zip(layout.params, views):
+        set_param_data(slot.param, view)
     return views

@@ -22,6 +22,9 @@ class _NullEvent:
     def query(self) -> bool:
         return True
 
+    def synchronize(self) -> None:
+        pass
+
     def elapsed_time(self, other: _NullEvent) -> float:
         return 0.0
 

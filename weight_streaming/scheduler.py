@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import StreamingError
-from .host import BlockLayout, HostBuffer
+from .host import BlockHost, BlockLayout
 from .ring import DeviceOps, Ring, Slot
 from .telemetry import EventLog
 
@@ -36,8 +36,8 @@ class Scheduler:
         ring: the staging buffers.
         log: where timing events go.
         layouts: the streamed blocks, in execution order (position j = index in this list).
-        host: each streamed block's host buffer.
-        host_views: each streamed block's parameter views into its host buffer.
+        host: each streamed block's host side (pinned buffer, pageable in place, or sourced); its
+            `views` are what the block's parameters point at outside its forward.
     """
 
     def __init__(
@@ -46,11 +46,10 @@ class Scheduler:
         ring: Ring,
         log: EventLog,
         layouts: list[BlockLayout],
-        host: list[HostBuffer],
-        host_views: list[list[torch.Tensor]],
+        host: list[BlockHost],
     ) -> None:
         self.ops, self.ring, self.log = ops, ring, log
-        self.layouts, self.host, self.host_views = layouts, host, host_views
+        self.layouts, self.host = layouts, host
         self.queue: deque[tuple[int, Slot]] = deque()  # copies issued ahead, in the order they are needed
         self.step = 0
         self._warned_grad = False
@@ -118,7 +117,6 @@ class Scheduler:
 
     def _issue_copy(self, j: int, slot: Slot) -> None:
         ops, host = self.ops, self.host[j]
-        n = host.data.numel()
         # SYNC (write-after-read): the copy stream waits until the compute stream has finished the last
         # block that read this slot; without it the copy could overwrite weights a queued kernel reads.
         ops.copy_stream.wait_event(slot.compute_done)
@@ -126,7 +124,7 @@ class Scheduler:
             start = ops.event(timing=True)
             if ops.timing:
                 start.record(ops.copy_stream)
-            slot.buf[:n].copy_(host.data, non_blocking=True)
+            n = host.copy_to(slot.buf, slot.views[j])
             if ops.timing:
                 end = ops.event(timing=True)
                 end.record(ops.copy_stream)
@@ -187,7 +185,7 @@ class Scheduler:
         return slot
 
     def leave(self, j: int, slot: Slot) -> None:
-        for s, v in zip(self.layouts[j].params, self.host_views[j]):
+        for s, v in zip(self.layouts[j].params, self.host[j].views):
             s.param.data = v
         # SYNC (write-after-read), consumer in _issue_copy: marks the point in the compute stream after
         # which no queued kernel reads this slot any more.

@@ -2,36 +2,41 @@
 
 attach(): plan residency within the budget (`planner`), put the non-block weights, the resident blocks
 and a fixed ring of staging buffers on the device (lowering the budget and retrying on out-of-memory),
-copy each streamed block into one contiguous pinned host buffer, then hand the per-block ordering to
-`scheduler.Scheduler`. detach() undoes all of it.
+give each streamed block its host side (`pinning`: page-locked within the limits, else streamed from
+where it already is or from its file), then hand the per-block ordering to `scheduler.Scheduler`.
+detach() undoes all of it; detach(keep_pinned=True) gives the device memory back but keeps the pinned
+host buffers, so the next attach (after an unload, or a lower budget after an out-of-memory) reuses
+them instead of pinning again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from . import hostmem
 from .blocks import find_blocks
 from .config import StreamingConfig
 from .errors import StreamingError
 from .estimate import estimate_block_seconds, measure_matmul_flops
-from .host import BlockLayout, HostAllocator, HostBuffer, WeightSource, fill_block, set_param_data
+from .host import BlockHost, BlockLayout, HostBuffer, WeightSource, set_param_data
+from .pinning import AttachProgress, FillStats, Reporter, default_pin_threads, fill_host
 from .planner import Plan, Timing, plan_residency
 from .profile import measure_link_bandwidth
 from .ring import DeviceOps, Ring
 from .scheduler import Scheduler
+from .staging import Stager
 from .telemetry import EventLog, Telemetry
 
 logger = logging.getLogger(__name__)
 
-# Threads that pin and fill streamed blocks at attach (page-locking scales with a few threads).
-_FILL_THREADS = 4
+GiB = 1 << 30
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -53,7 +58,13 @@ class WeightStreamer:
         device: the compute device; default the current CUDA device, else the CPU.
         blocks: attribute paths of the block lists in execution order (overrides `streamable_blocks`).
         source: optional object with `read_into(param_name, out)`: streamed (and meta) weights are read
-            from it straight into their final buffers instead of being copied from the parameters.
+            from it straight into their final buffers instead of being copied from the parameters;
+            streamed blocks past the pinned-memory limit whose parameters are on the meta device are
+            read from it each time they run (nothing is memory-mapped). Set `thread_safe = True` on
+            it to let attach read blocks in parallel.
+        progress: optional callback taking an `AttachProgress` (stage, bytes done, bytes total), called
+            on the attaching thread while weights are placed and pinned; an exception it raises
+            (e.g. a user's cancel) aborts the attach and leaves the model detached.
 
     The model should be on the CPU (or meta, with a source) when attached. Use it for inference only
     (under `torch.no_grad()` or `torch.inference_mode()`), and don't move it while attached.
@@ -67,6 +78,7 @@ class WeightStreamer:
         *,
         blocks: Sequence[str] | None = None,
         source: WeightSource | None = None,
+        progress: Callable[[AttachProgress], object] | None = None,
     ) -> None:
         self.model = model
         self.config = config or StreamingConfig()
@@ -78,20 +90,25 @@ class WeightStreamer:
         self.device = device
         self.block_paths = blocks
         self.source = source
+        self.progress = progress
         self.plan: Plan | None = None
         self.attached = False
+        # Pinned host buffers kept across a detach(keep_pinned=True), by block prefix.
+        self._kept: dict[str, HostBuffer] = {}
+        self._lock = threading.RLock()
         self._reset_state()
 
     def _reset_state(self) -> None:
         self._layouts: list[BlockLayout] = []
         self._streamed: list[int] = []  # layout index of each streamed position
-        self._host: list[HostBuffer] = []  # per streamed position
+        self._host: list[BlockHost] = []  # per streamed position
         self._placed: list[tuple[object, str, torch.Tensor]] = []  # (owner, attr, was) undo log
         self._hooks: list = []
         self._ring: Ring | None = None
         self._ops: DeviceOps | None = None
         self._log: EventLog | None = None
-        self._alloc: HostAllocator | None = None
+        self._stager: Stager | None = None
+        self._fill = FillStats()
         self._step = 0
         self._oom_retries = 0
         self._attach_s = 0.0
@@ -99,14 +116,27 @@ class WeightStreamer:
         self.timing: Timing | None = None  # what the planner used (measured or estimated times)
 
     # ------------------------------------------------------------------ attach / detach
-    def attach(self) -> Plan:
+    def attach(self, progress: Callable[[AttachProgress], object] | None = None) -> Plan:
         """Plan residency, place resident weights and the ring on the device, pin the streamed blocks.
+
+        Args:
+            progress: callback for this attach (default: the one given to the constructor).
 
         Returns:
             The plan in use.
         """
-        if self.attached:
-            return self.plan
+        with self._lock:
+            if self.attached:
+                return self.plan
+            hostmem.LEDGER.forget_idle(self)
+            try:
+                return self._attach(progress or self.progress)
+            except BaseException:
+                if self._kept:
+                    hostmem.LEDGER.add_idle(self)
+                raise
+
+    def _attach(self, progress) -> Plan:
         t0 = time.perf_counter()
         cfg = self.config
         named = find_blocks(self.model, self.block_paths)
@@ -130,10 +160,18 @@ class WeightStreamer:
             if bw:
                 timing = Timing(tuple(block_seconds), bw)
         self.timing = timing
+        # Blocks whose kept pinned buffer still matches need no work at this attach.
+        reusable = {
+            i
+            for i, lay in enumerate(self._layouts)
+            if lay.prefix in self._kept and lay.points_into(self._kept[lay.prefix].data)
+        }
         for attempt in range(cfg.max_oom_retries + 1):
             plan = plan_residency(sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing)
+            to_pin = sum(sizes[i] for i in plan.streamed_indices if i not in reusable)
+            reporter = Reporter(progress, fixed_bytes + plan.resident_bytes + to_pin)
             try:
-                self._place(plan, fixed)
+                self._place(plan, fixed, reporter)
                 break
             except torch.OutOfMemoryError as exc:
                 self._unplace()
@@ -154,110 +192,127 @@ class WeightStreamer:
                 )
                 budget = new_budget
                 self._oom_retries += 1
+            except BaseException:  # e.g. the progress callback cancelled
+                self._unplace()
+                self._reset_state()
+                raise
         self.plan = plan
         self._streamed = plan.streamed_indices
+        streamed = {self._layouts[i].prefix for i in self._streamed}
+        for prefix in [p for p in self._kept if p not in streamed]:
+            self._drop_kept(prefix)  # the block is resident now (or gone): no page lock needed
         pin = cfg.pin_memory if cfg.pin_memory is not None else self.device.type == "cuda"
-        self._alloc = HostAllocator(pin, cfg.pinned_cap)
         try:
-            self._host, host_views = self._fill_host([self._layouts[i] for i in self._streamed])
+            self._host, self._stager, self._fill = fill_host(
+                [self._layouts[i] for i in self._streamed],
+                ops=self._ops,
+                kept=self._kept,
+                source=self.source,
+                pin=pin,
+                cap=cfg.pinned_cap,
+                threads=cfg.pin_threads or default_pin_threads(),
+                reporter=reporter,
+                owner=self,
+            )
         except BaseException:
-            # e.g. a source that cannot read a tensor: take the weights off the device again. Buffers
-            # already filled unpin themselves when dropped; their parameters keep the bytes.
+            # e.g. a source that cannot read a tensor, or a cancel: take the weights off the device
+            # again. Buffers already filled unpin themselves when dropped; their parameters keep the bytes.
             self._unplace()
             self._reset_state()
             raise
+        self._kept.clear()
         if self._ring is not None:
             self.scheduler = Scheduler(
-                self._ops,
-                self._ring,
-                self._log,
-                [self._layouts[i] for i in self._streamed],
-                self._host,
-                host_views,
+                self._ops, self._ring, self._log, [self._layouts[i] for i in self._streamed], self._host
             )
             self.scheduler.wrap_all()
         self._hooks.append(self.model.register_forward_pre_hook(self._on_step))
         self.attached = True
         if self.scheduler is not None:
             self.scheduler.prime()
+        reporter.emit("done")
         self._attach_s = time.perf_counter() - t0
+        f = self._fill
         logger.info(
-            "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB), %d streamed (%.2f GiB, "
-            "%.2f GiB pinned), ring %d x %.2f GiB",
+            "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB), %d streamed (%.2f GiB: "
+            "%.2f GiB newly pinned at %.1f GB/s, %.2f GiB kept pinned from before, %.2f GiB pageable, "
+            "%.2f GiB read from the file each step), ring %d x %.2f GiB",
             self._attach_s,
             len(plan.resident_indices),
-            plan.resident_bytes / 2**30,
+            plan.resident_bytes / GiB,
             len(self._streamed),
-            plan.streamed_bytes / 2**30,
-            self._alloc.pinned_bytes / 2**30,
+            plan.streamed_bytes / GiB,
+            f.pinned / GiB,
+            f.pin_rate / 1e9,
+            f.reused / GiB,
+            f.pageable / GiB,
+            f.sourced / GiB,
             plan.ring_slots,
-            plan.ring_slot_bytes / 2**30,
+            plan.ring_slot_bytes / GiB,
         )
         return plan
 
-    def _fill_host(self, layouts: list[BlockLayout]) -> tuple[list[HostBuffer], list[list[torch.Tensor]]]:
-        """Allocate (pin) and fill each streamed block's host buffer, a few blocks at a time in parallel.
-
-        Each block's old pageable copy is dropped as soon as it is copied, so host RAM holds at most
-        `_FILL_THREADS` blocks twice. Blocks are handed out in order, so with a pinned cap the first
-        streamed blocks are the pinned ones.
-        """
-
-        def one(lay: BlockLayout):
-            buf = self._alloc.allocate(lay.nbytes)
-            return buf, fill_block(lay, buf, self.source)
-
-        if len(layouts) <= 1 or self.source is not None:  # a source may not be thread-safe
-            done = [one(lay) for lay in layouts]
-        else:
-            with ThreadPoolExecutor(_FILL_THREADS) as pool:
-                done = list(pool.map(one, layouts))
-        return [b for b, _ in done], [v for _, v in done]
+    def _drop_kept(self, prefix: str) -> None:
+        """Unpin a kept buffer whose block is no longer streamed; the undo log keeps its bytes (or, for
+        a block first read from the source, points back at the meta tensors so detach frees them)."""
+        buf = self._kept.pop(prefix)
+        if buf.originals is not None and buf.layout is not None:
+            back = {id(s.param): t for s, t in zip(buf.layout.params, buf.originals)}
+            self._placed = [(o, a, back.get(id(o), was)) for o, a, was in self._placed]
+        buf.release()
 
     def _move(self, owner: object, attr: str, t: torch.Tensor, name: str) -> None:
         """Put one resident tensor on the device, logging how to undo it."""
+        was = t
         if t.device.type == "meta":
             if self.source is None:
                 raise StreamingError(
                     f"{name} is on the meta device and no weight source was given: pass source= or load "
                     "the weights before attaching."
                 )
-            loaded = torch.empty(t.shape, dtype=t.dtype)
-            self.source.read_into(name, loaded)
-            t = loaded
-            if isinstance(owner, nn.Parameter):
-                set_param_data(owner, loaded)  # materialised on the CPU first: an undo has real data
+            # Read into a temporary host tensor; the undo log keeps the meta tensor, so no host copy
+            # of resident weights outlives the copy to the device.
+            t = torch.empty(t.shape, dtype=t.dtype)
+            self.source.read_into(name, t)
         moved = _to_device(t, self.device)
+        self._placed.append((owner, attr, was))
         if isinstance(owner, nn.Parameter):
-            self._placed.append((owner, "data", owner.data))
-            owner.data = moved
+            set_param_data(owner, moved)
         else:  # a module's buffer dict
-            self._placed.append((owner, attr, owner[attr]))
             owner[attr] = moved
 
-    def _place(self, plan: Plan, fixed: list[tuple[str, nn.Parameter]]) -> None:
+    def _place(self, plan: Plan, fixed: list[tuple[str, nn.Parameter]], reporter: Reporter) -> None:
         # On a CPU device .to() returns the same tensor: no copy, but the same bookkeeping.
+        done = 0
         for name, p in fixed:
             self._move(p, "data", p.data, name)
         for mod_name, mod in self.model.named_modules():
             for bname, b in list(mod._buffers.items()):
                 if b is not None:
                     self._move(mod._buffers, bname, b, f"{mod_name}.{bname}" if mod_name else bname)
+                    done += b.numel() * b.element_size()
+        done += sum(p.numel() * p.element_size() for _, p in fixed)
+        reporter.add("placing", done)
         for idx in plan.resident_indices:
             for s in self._layouts[idx].params:
                 self._move(s.param, "data", s.param.data, s.name)
+            reporter.add("placing", self._layouts[idx].nbytes)
         if plan.ring_slots:
             self._ring = Ring(
                 self._ops, [_empty_device(plan.ring_slot_bytes, self.device) for _ in range(plan.ring_slots)]
             )
 
+    def _restore(self, owner: object, attr: str, was: torch.Tensor) -> None:
+        if isinstance(owner, nn.Parameter):
+            # Weights are read-only: the host tensor they came from is still right (no copy back).
+            set_param_data(owner, was if was.device.type in ("cpu", "meta") else owner.data.to("cpu"))
+        else:  # buffers may have been written by the model: bring the current values back
+            owner[attr] = was if was.device.type == "meta" else owner[attr].to("cpu")
+
     def _unplace(self) -> None:
-        """Undo `_place` after an out-of-memory error: everything goes back where it was."""
+        """Undo `_place`: everything goes back where it was."""
         for owner, attr, was in reversed(self._placed):
-            if isinstance(owner, nn.Parameter):
-                owner.data = was.to("cpu")
-            else:
-                owner[attr] = was
+            self._restore(owner, attr, was)
         self._placed.clear()
         self._ring = None
 
@@ -270,31 +325,85 @@ class WeightStreamer:
                     counts[s.dtype] = counts.get(s.dtype, 0) + s.nbytes // s.dtype.itemsize
         return max(counts, key=counts.get) if counts else torch.float32
 
-    def detach(self) -> None:
-        """Stop streaming: the model is back on the CPU in ordinary memory; device and pinned memory
-        (ring, resident copies, page locks) are released."""
-        if not self.attached:
-            return
-        self._ops.synchronize()
-        for h in self._hooks:
-            h.remove()
-        if self.scheduler is not None:
-            self.scheduler.unwrap_all()
-        for buf in self._host:
-            self._alloc.release(buf)  # unpins; the parameters keep the bytes as pageable memory
-        for owner, attr, _was in self._placed:
-            if isinstance(owner, nn.Parameter):
-                owner.data = owner.data.to("cpu")
-            else:
-                owner[attr] = owner[attr].to("cpu")
-        self.attached = False
-        self._reset_state()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+    def detach(self, keep_pinned: bool = False) -> None:
+        """Stop streaming: the model is back on the CPU and device memory (ring, resident copies) is
+        released.
+
+        Args:
+            keep_pinned: keep the streamed blocks' page-locked host buffers (the parameters point into
+                them), so the next attach reuses them instead of pinning again. They stay within the
+                process-wide pinned limit and are taken back by it, oldest first, when another model
+                needs page-locked memory; `release_pinned()` gives them back at once. False releases
+                them now (the parameters keep the bytes as ordinary memory; blocks first read from the
+                weight source return to the meta device, freeing the host copy).
+        """
+        with self._lock:
+            if not self.attached:
+                if not keep_pinned:
+                    self.release_pinned()
+                return
+            self._ops.synchronize()
+            for h in self._hooks:
+                h.remove()
+            if self.scheduler is not None:
+                self.scheduler.unwrap_all()
+            if self._stager is not None:
+                self._stager.close()
+            for j, host in enumerate(self._host):
+                lay = self._layouts[self._streamed[j]]
+                if keep_pinned and isinstance(host, HostBuffer) and host.pinned:
+                    host.layout = lay
+                    self._kept[lay.prefix] = host
+                    continue
+                if host.originals is not None:
+                    for s, t in zip(lay.params, host.originals):
+                        set_param_data(s.param, t)
+                host.release()
+            self._unplace()
+            self.attached = False
+            self._reset_state()
+            if self._kept:
+                hostmem.LEDGER.add_idle(self)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def release_pinned(self) -> int:
+        """Give back the page-locked buffers kept by `detach(keep_pinned=True)`.
+
+        Returns:
+            Bytes unpinned (0 while attached: buffers in use are released by `detach`).
+        """
+        with self._lock:
+            freed = 0
+            for buf in self._kept.values():
+                freed += buf.nbytes if buf.pinned else 0
+                lay = buf.layout
+                if buf.originals is not None and lay is not None and lay.points_into(buf.data):
+                    for s, t in zip(lay.params, buf.originals):
+                        set_param_data(s.param, t)
+                buf.release()
+            self._kept.clear()
+            hostmem.LEDGER.forget_idle(self)
+            return freed
+
+    def reclaim_pinned(self) -> int:
+        """For the process-wide ledger: release kept buffers unless this streamer is busy."""
+        if not self._lock.acquire(blocking=False):
+            return 0
+        try:
+            return 0 if self.attached else self.release_pinned()
+        finally:
+            self._lock.release()
+
+    @property
+    def kept_pinned_bytes(self) -> int:
+        """Page-locked bytes kept for a quick re-attach (0 while attached)."""
+        return sum(b.nbytes for b in self._kept.values() if b.pinned)
 
     def relieve(self) -> Plan:
         """Lower the resident set after a device out-of-memory in a forward pass (e.g. activations
-        larger than estimated): re-plans at `oom_shrink` times the device bytes in use and re-attaches.
+        larger than estimated): re-plans at `oom_shrink` times the device bytes in use and re-attaches,
+        reusing the pinned host buffers of blocks that were streamed already.
         """
         plan = self.plan
         budget = int(plan.device_bytes * self.config.oom_shrink)
@@ -304,7 +413,7 @@ class WeightStreamer:
             plan.device_bytes / 2**30,
             budget / 2**30,
         )
-        self.detach()
+        self.detach(keep_pinned=True)
         self.config = dataclasses.replace(self.config, vram_budget=budget)
         new = self.attach()
         self._oom_retries = retries
@@ -345,14 +454,15 @@ class WeightStreamer:
         return self._ring
 
     @property
-    def host_buffers(self) -> list[HostBuffer]:
-        """The streamed blocks' host buffers, in streamed order."""
+    def host_buffers(self) -> list[BlockHost]:
+        """The streamed blocks' host sides, in streamed order."""
         return self._host
 
     # ------------------------------------------------------------------ telemetry
     def telemetry(self, sync: bool = False) -> Telemetry:
         """Current figures; `sync=True` waits for queued work first so every event is counted."""
         t = Telemetry(oom_retries=self._oom_retries, attach_seconds=self._attach_s, steps=self._step)
+        t.kept_pinned_bytes = self.kept_pinned_bytes
         if not self.attached:
             return t
         plan = self.plan
@@ -362,7 +472,10 @@ class WeightStreamer:
             plan.streamed_bytes,
         )
         t.ring_bytes = self._ring.nbytes if self._ring else 0
-        t.pinned_bytes, t.pageable_bytes = self._alloc.pinned_bytes, self._alloc.pageable_bytes
+        f = self._fill
+        t.pinned_bytes = f.pinned + f.reused + (self._stager.pinned_bytes if self._stager else 0)
+        t.pageable_bytes, t.sourced_bytes, t.staging_bytes = f.pageable, f.sourced, f.staging
+        t.reused_pinned_bytes, t.pin_seconds, t.pin_rate = f.reused, f.seconds, f.pin_rate
         t.resident_blocks, t.streamed_blocks = len(plan.resident_indices), len(self._streamed)
         t.budget = plan.budget
         log = self._log

@@ -15,8 +15,15 @@ class Telemetry:
         resident_bytes: blocks kept on the device.
         streamed_bytes: blocks paged in from host memory each step.
         ring_bytes: device staging buffers.
-        pinned_bytes: page-locked host bytes (streamed blocks).
-        pageable_bytes: streamed bytes that could not be pinned (cap reached or pinning failed).
+        pinned_bytes: page-locked host bytes of this model in use (streamed blocks and staging).
+        pageable_bytes: streamed bytes copied from ordinary memory or a mapped file's page cache
+            (pinned limit reached, pinning refused or off).
+        sourced_bytes: streamed bytes read from the weight source (the file) each time they are used.
+        staging_bytes: host staging buffers for those reads.
+        reused_pinned_bytes: pinned bytes reused from the last detach(keep_pinned=True) (no re-pin).
+        kept_pinned_bytes: while detached, page-locked bytes kept for the next attach.
+        pin_seconds: time the last attach spent filling the streamed blocks' host side.
+        pin_rate: bytes newly page-locked and filled per second at the last attach.
         resident_blocks, streamed_blocks: block counts.
         budget: the byte budget the plan was made for.
         oom_retries: how often attaching ran out of device memory and retried with a lower budget.
@@ -34,6 +41,12 @@ class Telemetry:
     ring_bytes: int = 0
     pinned_bytes: int = 0
     pageable_bytes: int = 0
+    sourced_bytes: int = 0
+    staging_bytes: int = 0
+    reused_pinned_bytes: int = 0
+    kept_pinned_bytes: int = 0
+    pin_seconds: float = 0.0
+    pin_rate: float = 0.0
     resident_blocks: int = 0
     streamed_blocks: int = 0
     budget: int = 0
@@ -57,6 +70,8 @@ class Telemetry:
         )
         if self.pageable_bytes:
             text += f", {self.pageable_bytes / gib:.1f} GiB pageable: slower"
+        if self.sourced_bytes:
+            text += f", {self.sourced_bytes / gib:.1f} GiB read from the file each step: slowest"
         text += ")"
         if self.copy_bandwidth > 0:
             text += f", copies at {self.copy_bandwidth / 1e9:.1f} GB/s"

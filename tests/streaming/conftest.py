@@ -4,6 +4,8 @@ import pytest
 import torch
 from torch import nn
 
+import weight_streaming.hostmem as hostmem
+
 
 class DoubleBlock(nn.Module):
     """Two streams, like a FLUX double block: (x, c) -> (x', c'), with a shared modulation argument."""
@@ -121,3 +123,43 @@ def cancelled_exc():
 @pytest.fixture
 def tiny_cls():
     return TinyDiT
+
+
+class FakePinning:
+    """Pretends to page-lock memory (no CUDA here): records registered pointers; optionally fails."""
+
+    def __init__(self, fail=False):
+        self.fail, self.registered, self.calls, self.peak = fail, {}, 0, 0
+
+    def register(self, t):
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("cudaHostRegister failed with CUDA error 2 (simulated)")
+        assert t.data_ptr() not in self.registered, "registered twice"
+        self.registered[t.data_ptr()] = t.numel() * t.element_size()
+        self.peak = max(self.peak, self.bytes)
+
+    def unregister(self, t):
+        assert t.data_ptr() in self.registered, "unregistered memory that was not registered"
+        del self.registered[t.data_ptr()]
+
+    @property
+    def bytes(self):
+        return sum(self.registered.values())
+
+
+@pytest.fixture
+def fake_pins(monkeypatch):
+    """Page-locking simulated on the CPU (pass pin_memory=True to the streamer)."""
+    pins = FakePinning()
+    monkeypatch.setattr(hostmem, "register", pins.register)
+    monkeypatch.setattr(hostmem, "unregister", pins.unregister)
+    return pins
+
+
+@pytest.fixture(autouse=True)
+def fresh_ledger(monkeypatch):
+    """Each test gets its own process-wide pinned-memory ledger (default limit from this machine)."""
+    ledger = hostmem.PinnedLedger()
+    monkeypatch.setattr(hostmem, "LEDGER", ledger)
+    return ledger

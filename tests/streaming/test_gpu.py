@@ -98,3 +98,89 @@ def test_cuda_auto_budget_uses_free_memory_less_activations_and_reserve(tiny_pai
     with WeightStreamer(model, cfg, "cuda") as ws:
         assert ws.plan.budget <= want + (8 << 20)  # free memory moves a little (context, allocator)
         assert ws.plan.fits and ws.plan.streamed_indices
+
+
+def test_cuda_kept_pinned_buffers_survive_detach_and_are_reused(tiny_pair, inputs):
+    import weight_streaming.hostmem as hostmem
+
+    model, ref = _models(tiny_pair, fp8=True)
+    x = _inputs(inputs, seed=2)
+    ws = WeightStreamer(model, StreamingConfig(vram_budget=_blocks_budget(model, 4)), "cuda")
+    with torch.no_grad():
+        want = ref(*x)
+        ws.attach()
+        ptrs = [h.data.data_ptr() for h in ws.host_buffers]
+        blocks = [*model.double_blocks, *model.single_blocks]
+        streamed = [p for i in ws.plan.streamed_indices for p in blocks[i].parameters()]
+        assert torch.equal(model(*x), want)
+        ws.detach(keep_pinned=True)
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        assert ws.kept_pinned_bytes > 0 and all(p.is_pinned() for p in streamed)
+        ws.attach()
+        t = ws.telemetry(sync=True)
+        assert t.reused_pinned_bytes == t.pinned_bytes == t.streamed_bytes > 0
+        assert [h.data.data_ptr() for h in ws.host_buffers] == ptrs
+        assert all(h.pinned and h.data.is_pinned() for h in ws.host_buffers)
+        for _ in range(2):
+            assert torch.equal(model(*x), want)
+        ws.detach()
+    assert hostmem.LEDGER.used == 0
+
+
+def test_cuda_blocks_past_the_limit_stream_in_place_and_from_a_source_exactly(tiny_pair, inputs, tiny_cls):
+    import weight_streaming.hostmem as hostmem
+
+    model, ref = _models(tiny_pair)
+    x = _inputs(inputs, seed=3)
+    streamed = sum(p.nbytes for b in [*model.double_blocks, *model.single_blocks] for p in b.parameters())
+    old = hostmem.LEDGER._limit
+    hostmem.set_pinned_limit(streamed // 3)
+    try:
+        with torch.no_grad():
+            want = ref(*x)
+            with WeightStreamer(model, StreamingConfig(vram_budget=_blocks_budget(model, 2)), "cuda") as ws:
+                t = ws.telemetry()
+                assert t.pinned_bytes > 0 and t.pageable_bytes > 0
+                for _ in range(3):
+                    assert torch.equal(model(*x), want)
+
+            class Source:
+                thread_safe = True
+
+                def __init__(self, sd):
+                    self.sd = sd
+
+                def read_into(self, name, out):
+                    out.copy_(self.sd[name])
+
+            sd = {k: v.detach().cpu() for k, v in ref.state_dict().items()}
+            with torch.device("meta"):
+                meta = tiny_cls(
+                    d=256, n_double=4, n_single=12, sizes=[1024, 512, 1536, 768] + [1024, 2048] * 6
+                )
+            meta = meta.to(torch.bfloat16).eval()
+            cfg = StreamingConfig(vram_budget=_blocks_budget(model, 2))
+            with WeightStreamer(meta, cfg, "cuda", source=Source(sd)) as ws:
+                t = ws.telemetry()
+                assert t.sourced_bytes > 0 and t.staging_bytes > 0
+                for _ in range(3):
+                    assert torch.equal(meta(*x), want)
+    finally:
+        hostmem.set_pinned_limit(old)
+    assert hostmem.LEDGER.used == 0
+
+
+def test_cuda_huge_page_host_buffers_page_lock(tiny_pair):
+    import weight_streaming.hostmem as hostmem
+
+    t = hostmem.alloc_host(64 << 20)
+    hostmem.register(t)
+    try:
+        assert t.is_pinned()
+        dev = torch.empty(t.numel(), dtype=torch.uint8, device="cuda")
+        t.fill_(5)
+        dev.copy_(t, non_blocking=True)
+        torch.cuda.synchronize()
+        assert int(dev[-1]) == 5
+    finally:
+        hostmem.unregister(t)

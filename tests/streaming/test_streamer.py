@@ -40,12 +40,15 @@ def test_streamed_output_is_bitwise_the_resident_output(tiny_pair, inputs, n_res
             assert "GiB streamed" in line
 
 
-def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after(tiny_pair, inputs):
+def test_parameters_point_at_a_ring_slot_during_forward_and_at_host_memory_after(
+    tiny_pair, inputs, fake_pins
+):
     model, _ = tiny_pair()
     seen = []
     for i, b in enumerate(model.single_blocks):
         b.lin1.register_forward_pre_hook(lambda m, a, i=i: seen.append((i, m.weight.data_ptr())))
-    with torch.no_grad(), WeightStreamer(model, StreamingConfig(vram_budget=0), "cpu") as ws:
+    cfg = StreamingConfig(vram_budget=0, pin_memory=True)
+    with torch.no_grad(), WeightStreamer(model, cfg, "cpu") as ws:
         ring = [(s.buf.data_ptr(), s.buf.data_ptr() + s.buf.numel()) for s in ws.ring.slots]
         host_ptrs = {b.lin1.weight.data_ptr() for b in model.single_blocks}
         model(*inputs())
