@@ -77,7 +77,9 @@ class ModuleHolder(memory.GpuHolder):
         return LoRAModelHolder(self, tuple(loras))
 
     def _prepare(self, device, activation_bytes, block_flops, loras) -> nn.Module:
-        module = self._place(device, activation_bytes, block_flops)
+        # The LoRA factors live on the GPU beside the weights: keep room for them in the budget.
+        lora_bytes = sum(lora.nbytes() for lora, s in loras if s)
+        module = self._place(device, activation_bytes, block_flops, lora_bytes)
         if loras or self.loras_applied:
             from ..flux2_core.lora import apply_loras
 
@@ -86,13 +88,13 @@ class ModuleHolder(memory.GpuHolder):
             self.loras_applied = bool(loras)
         return module
 
-    def _place(self, device, activation_bytes, block_flops) -> nn.Module:
+    def _place(self, device, activation_bytes, block_flops, lora_bytes=0) -> nn.Module:
         if device.type == "cpu" or (self.on_gpu and memory.same_device(self.device, device)):
             return self.module
         self.offload()
-        budget = self._budget(device, activation_bytes)
+        budget = max(0, self._budget(device, activation_bytes) - lora_bytes)
         if self.streaming is None or self.total_bytes <= budget:
-            memory.make_room(self.total_bytes, device)
+            memory.make_room(self.total_bytes + lora_bytes, device)
             self.module.to(device)
         else:
             self._attach_streamer(device, budget, block_flops)
@@ -168,5 +170,8 @@ class LoRAModelHolder:
         return LoRAModelHolder(self.base, self.loras + tuple(loras))
 
     def __getattr__(self, name: str):
-        # module, using(), streamer, offload(), label ...: the shared holder's.
+        # module, using(), streamer, offload(), label ...: the shared holder's. Dunder and "base"
+        # lookups (copy, pickle, before __init__) must not recurse.
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
         return getattr(self.base, name)

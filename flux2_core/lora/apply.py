@@ -9,8 +9,10 @@ strength does. The factors move to the compute device on the first forward there
 concatenated: one (sum of ranks, in) down matrix, one up matrix per output row range, strengths folded
 in), and stay there until the stack changes or ``release_device_copies``.
 
-Per step a rank-r update costs 2 r (in + out) FLOPs per token beside the layer's 2 in out: about 1% of
-a [dev] block linear at rank 32, plus reading the factors (a few MB per layer).
+Per token a rank-r update costs 2 r (in + out) FLOPs beside the layer's 2 in out (rank 32: under 1% of
+a [dev] block linear), but also one more read of the input and a read + write of the output (the
+up-projection adds into the output inside its GEMM, beta = 1): memory traffic that a compute-bound
+layer does not hide, a few percent of a resident step on GPUs with many FLOPs per byte.
 
 Merged (``merge=True``): W <- W + delta W, computed in fp32 and rounded once, for layers whose weights
 are plain float tensors (quantized layers keep the hook). Zero per-step cost, but: it needs the

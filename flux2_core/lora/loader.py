@@ -58,6 +58,15 @@ class Flux2LoRA:
     def num_updates(self) -> int:
         return sum(len(v) for v in self.layers.values())
 
+    def nbytes(self, itemsize: int = 2) -> int:
+        """Bytes of the factors once on the compute device in a dtype of ``itemsize`` bytes (bf16: 2)."""
+        n = 0
+        for deltas in self.layers.values():
+            for d in deltas:
+                parts = (d.down, d.up) if isinstance(d, LowRank) else (d.w1, d.w2, d.w2_a, d.w2_b)
+                n += sum(t.numel() for t in parts if t is not None)
+        return n * itemsize
+
     def __repr__(self) -> str:
         return f"Flux2LoRA({self.name!r}, {self.format}, {len(self.layers)} layers)"
 

@@ -118,8 +118,9 @@ def _lora_nodes(g: dict, tag: str, file: str, ours_in: list, native_in: list) ->
     return [f"ol_{tag}", 0], [f"nl_{tag}", 0]
 
 
-def _graph(files: dict[str, str]) -> dict:
-    g = {
+def _ours_common(prompt: str) -> dict:
+    """Text encoder, its prompt and our model loader (fp32): the part both tests' graphs share."""
+    return {
         "te": {
             "class_type": "Flux2LocalTextEncoderLoader",
             "inputs": {"text_encoder_name": TE, "tokenizer": "auto", "dtype": "fp32"},
@@ -128,7 +129,7 @@ def _graph(files: dict[str, str]) -> dict:
             "class_type": "Flux2LocalEncodePrompt",
             "inputs": {
                 "text_encoder": ["te", 0],
-                "prompt": "a lighthouse at dusk",
+                "prompt": prompt,
                 "negative_prompt": "",
                 "upsample_prompt": False,
                 "upsample_seed": 0,
@@ -145,6 +146,11 @@ def _graph(files: dict[str, str]) -> dict:
                 "pinned_ram_gb": 0.0,
             },
         },
+    }
+
+
+def _graph(files: dict[str, str]) -> dict:
+    g = _ours_common("a lighthouse at dusk") | {
         "un": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL, "weight_dtype": "default"}},
         "pos": {
             "class_type": "Flux2LocalTestToNativeConditioning",
@@ -202,7 +208,7 @@ def test_same_latents_and_image_as_native_lora_loader(comfy, lora_files):
     np.testing.assert_allclose(images["ours"], images["native"], atol=1.5 / 255)
 
 
-def test_lora_for_another_model_fails_in_the_loader_node(comfy, tmp_path):
+def test_lora_for_another_model_fails_in_the_loader_node(comfy):
     from safetensors.torch import save_file
 
     name = "flux1_style.safetensors"
@@ -213,17 +219,7 @@ def test_lora_for_another_model_fails_in_the_loader_node(comfy, tmp_path):
         },
         str(comfy.base / "models" / "loras" / name),
     )
-    g = {
-        "m": {
-            "class_type": "Flux2LocalModelLoader",
-            "inputs": {
-                "model_name": MODEL,
-                "dtype": "fp32",
-                "keep_fp8": True,
-                "vram_budget_gb": 0.0,
-                "pinned_ram_gb": 0.0,
-            },
-        },
+    g = _ours_common("x") | {
         "l": {
             "class_type": "Flux2LocalLoRALoader",
             "inputs": {"model": ["m", 0], "lora_name": name, "strength": 1.0},
@@ -239,21 +235,6 @@ def test_lora_for_another_model_fails_in_the_loader_node(comfy, tmp_path):
                 "steps": 1,
                 "guidance": 4.0,
                 "denoise": 1.0,
-            },
-        },
-        "te": {
-            "class_type": "Flux2LocalTextEncoderLoader",
-            "inputs": {"text_encoder_name": TE, "tokenizer": "auto", "dtype": "fp32"},
-        },
-        "enc": {
-            "class_type": "Flux2LocalEncodePrompt",
-            "inputs": {
-                "text_encoder": ["te", 0],
-                "prompt": "x",
-                "negative_prompt": "",
-                "upsample_prompt": False,
-                "upsample_seed": 0,
-                "upsample_max_tokens": 512,
             },
         },
         "save": {
