@@ -239,9 +239,11 @@ class _LayerPatch:
                     if isinstance(seg.cols, slice)
                     else h.index_select(-1, seg.cols)
                 )
-                if same and seg.start == 0 and seg.stop == out.shape[-1] and out.is_contiguous():
-                    # The add fused into the GEMM (beta = 1): no extra pass over the output.
-                    out.view(-1, out.shape[-1]).addmm_(hs.reshape(-1, hs.shape[-1]), seg.up.t())
+                if same and out.is_contiguous():
+                    # The add inside the GEMM (beta = 1): the output rows are read and written once,
+                    # no temporary; a row range is a strided view the GEMM writes in place.
+                    rows = out.view(-1, out.shape[-1])[:, seg.start : seg.stop]
+                    rows.addmm_(hs.reshape(-1, hs.shape[-1]), seg.up.t())
                 else:
                     out[..., seg.start : seg.stop].add_(F.linear(hs, seg.up).to(out.dtype))
         for k in dev.krons:
