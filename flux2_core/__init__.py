@@ -6,6 +6,7 @@ Never imports ComfyUI. Public names are re-exported here; see DEVELOPERS.md for 
 from .config import Flux2Config
 from .errors import CheckpointError, Flux2Error, GenerationCancelled, InputError
 from .kv_cache import Flux2KVCache
+from .lora import Flux2LoRA, apply_loras, load_lora
 from .model.flops import BlockFlops, block_flops, tokens_for
 from .model.transformer import Flux2Transformer
 from .sampling import (
@@ -45,6 +46,10 @@ __all__ = [
     "prepare_reference_latents",
     "sample_latents",
     "validate_size",
+    # LoRAs
+    "Flux2LoRA",
+    "apply_loras",
+    "load_lora",
     # text encoders (issue 4)
     "Flux2TextEncoder",
     "TextEncoderSpec",

@@ -20,12 +20,14 @@ from comfy_api.latest import ComfyExtension, io
 from . import memory
 from .conditioning import Flux2LocalEncodePrompt, Flux2LocalMultiReference
 from .loaders import Flux2LocalModelLoader, Flux2LocalTextEncoderLoader, Flux2LocalVAELoader
+from .lora import Flux2LocalLoRALoader
 from .safety import Flux2LocalCheckProvenance, Flux2LocalContentFilter, Flux2LocalSaveImage
 from .sampler import Flux2LocalSampler
 from .vae_nodes import Flux2LocalVAEDecode, Flux2LocalVAEEncode
 
 NODES: list[type[io.ComfyNode]] = [
     Flux2LocalModelLoader,
+    Flux2LocalLoRALoader,
     Flux2LocalTextEncoderLoader,
     Flux2LocalEncodePrompt,
     Flux2LocalMultiReference,

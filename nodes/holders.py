@@ -4,6 +4,9 @@ A holder is what our custom socket types carry (FLUX2LOCAL_MODEL, _TEXT_ENCODER,
 are loaded on the offload device (CPU, memory-mapped where the file allows); ``prepare(device)``
 moves them fully to the GPU when they fit in the budget, or attaches the weight streamer (resident
 blocks + paging from pinned RAM) when they do not.
+
+A transformer holder also carries a LoRA stack, applied (on the fly, beside the layers) each time it
+prepares the module, so holders that share one loaded module can carry different stacks.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class ModuleHolder(memory.GpuHolder):
         self.streaming = streaming
         self.streamer = None
         self.total_bytes = module_bytes(module)
+        self.loras: tuple = ()  # ((Flux2LoRA, strength), ...) applied by prepare()
+        self.loras_applied = False  # some holder sharing this one's module applied a stack
 
     def gpu_bytes(self) -> int:
         return self.total_bytes if self.on_gpu else 0
@@ -65,12 +70,31 @@ class ModuleHolder(memory.GpuHolder):
                 streamer plans from estimated compute times (which blocks to keep so copies hide behind
                 compute) instead of bytes alone; no resident run is needed to measure them.
         """
+        return self._prepare(device, activation_bytes, block_flops, self.loras)
+
+    def with_loras(self, loras) -> LoRAModelHolder:
+        """A holder of the same loaded module with ``loras`` ((Flux2LoRA, strength) pairs) added."""
+        return LoRAModelHolder(self, tuple(loras))
+
+    def _prepare(self, device, activation_bytes, block_flops, loras) -> nn.Module:
+        # The LoRA factors live on the GPU beside the weights: keep room for them in the budget.
+        lora_bytes = sum(lora.nbytes() for lora, s in loras if s)
+        module = self._place(device, activation_bytes, block_flops, lora_bytes)
+        if loras or self.loras_applied:
+            from ..flux2_core.lora import apply_loras
+
+            # Whoever prepares the module sets its stack; applying the stack already applied is free.
+            apply_loras(module, loras)
+            self.loras_applied = bool(loras)
+        return module
+
+    def _place(self, device, activation_bytes, block_flops, lora_bytes=0) -> nn.Module:
         if device.type == "cpu" or (self.on_gpu and memory.same_device(self.device, device)):
             return self.module
         self.offload()
-        budget = self._budget(device, activation_bytes)
+        budget = max(0, self._budget(device, activation_bytes) - lora_bytes)
         if self.streaming is None or self.total_bytes <= budget:
-            memory.make_room(self.total_bytes, device)
+            memory.make_room(self.total_bytes + lora_bytes, device)
             self.module.to(device)
         else:
             self._attach_streamer(device, budget, block_flops)
@@ -114,8 +138,40 @@ class ModuleHolder(memory.GpuHolder):
         self.streamer.attach()
 
     def _offload(self) -> None:
+        from ..flux2_core.lora import release_device_copies
+
+        release_device_copies(self.module)  # the LoRA factors' GPU copies go with the weights
         if self.streamer is not None:
             self.streamer.detach()
             self.streamer = None
         else:
             self.module.to(memory.offload_device())
+
+
+class LoRAModelHolder:
+    """What FLUX.2 LoRA Loader outputs: the input holder's loaded module and device state (shared,
+    never copied) plus a LoRA stack, applied when this holder prepares the module for a run.
+
+    ComfyUI caches node outputs, so the input holder is never changed: each LoRA node returns a new
+    one of these; chaining appends to the stack.
+    """
+
+    def __init__(self, base: ModuleHolder, loras: tuple):
+        self.base = base
+        self.loras = loras
+
+    def prepare(
+        self, device: torch.device, activation_bytes: int = 0, block_flops: tuple[float, ...] | None = None
+    ) -> nn.Module:
+        """Like ``ModuleHolder.prepare``, with this holder's LoRA stack applied."""
+        return self.base._prepare(device, activation_bytes, block_flops, self.loras)
+
+    def with_loras(self, loras) -> LoRAModelHolder:
+        return LoRAModelHolder(self.base, self.loras + tuple(loras))
+
+    def __getattr__(self, name: str):
+        # module, using(), streamer, offload(), label ...: the shared holder's. Dunder and "base"
+        # lookups (copy, pickle, before __init__) must not recurse.
+        if name == "base" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)

@@ -25,6 +25,7 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 MODEL_FOLDERS = ("diffusion_models", "unet", "text_encoders", "vae", "checkpoints", "loras")
 NODE_IDS = (
     "Flux2LocalModelLoader",
+    "Flux2LocalLoRALoader",
     "Flux2LocalTextEncoderLoader",
     "Flux2LocalEncodePrompt",
     "Flux2LocalMultiReference",

@@ -357,6 +357,9 @@ def main() -> None:
         "--comfy-budgets", default=None, help="budgets for the ComfyUI anchor (default: --budgets)"
     )
     ap.add_argument("--no-comfyui", action="store_true")
+    ap.add_argument(
+        "--lora", action="store_true", help="also run lora_bench.py (rank-32 LoRA, streamed at 12 GiB)"
+    )
     args = ap.parse_args()
     # ComfyUI reports its load decisions ("loaded partially ...") and the streamer its probe via logging.
     logging.basicConfig(level=logging.INFO, format="  (%(name)s) %(message)s", stream=sys.stdout)
@@ -568,6 +571,10 @@ def main() -> None:
             f"| {r['budget']} | {r['steady_s']:.3f} | {r['ratio']:.3f} | {c['steady_s']:.3f} | {c['ratio']:.3f} | "
             f"{c['kept_gib']:.1f} | {c['steady_s'] / r['steady_s']:.2f}x |"
         )
+    if args.lora:
+        import lora_bench  # same folder
+
+        figures["lora"] = lora_bench.run(["--parts", "streamed"])
     print(json.dumps(figures), flush=True)
 
 

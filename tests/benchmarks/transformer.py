@@ -184,6 +184,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--fp8", action="store_true", help="also time ours with FP8 block linears (_scaled_mm)")
+    ap.add_argument(
+        "--lora", action="store_true", help="also run lora_bench.py (rank-32 LoRA, resident + merged)"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to benchmark")
@@ -235,6 +238,10 @@ def main() -> None:
         results[variant] = row
         del x
         _free()
+    if args.lora:
+        import lora_bench  # same folder
+
+        results["lora"] = lora_bench.run(["--parts", "resident,anchor"])
     print(json.dumps(results))
 
 

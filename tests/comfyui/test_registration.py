@@ -7,6 +7,7 @@ from comfy_server import NODE_IDS
 
 DISPLAY_NAMES = {
     "Flux2LocalModelLoader": "FLUX.2 Model Loader",
+    "Flux2LocalLoRALoader": "FLUX.2 LoRA Loader",
     "Flux2LocalTextEncoderLoader": "FLUX.2 Text Encoder Loader",
     "Flux2LocalEncodePrompt": "FLUX.2 Encode Prompt",
     "Flux2LocalMultiReference": "FLUX.2 Multi-Reference",
