@@ -10,13 +10,19 @@
 The model declares its block lists (`streamable_blocks = ("double_blocks", "single_blocks")`) or they
 are passed as `blocks=`. `StreamingConfig.block_seconds` (e.g. from `measure_block_seconds` on a resident
 run) lets the planner compare plans by modelled step time; without it, `StreamingConfig.block_flops`
-(FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe.
+(FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe in the
+dtype each block computes in (`block_matmul_dtype`: float8 blocks at the FP8 rate where the GPU has it).
 """
 
 from .blocks import find_blocks
 from .config import PRESETS, StreamingConfig
 from .errors import StreamingError
-from .estimate import estimate_block_seconds, measure_matmul_flops
+from .estimate import (
+    block_matmul_dtype,
+    estimate_block_seconds,
+    estimate_blocks_seconds,
+    measure_matmul_flops,
+)
 from .host import WeightSource
 from .planner import Plan, Timing, plan_residency
 from .profile import measure_block_seconds, measure_link_bandwidth
@@ -32,7 +38,9 @@ __all__ = [
     "Timing",
     "WeightSource",
     "WeightStreamer",
+    "block_matmul_dtype",
     "estimate_block_seconds",
+    "estimate_blocks_seconds",
     "find_blocks",
     "measure_block_seconds",
     "measure_link_bandwidth",
