@@ -117,6 +117,9 @@ class GraphRunner:
             g.graph.replay()
             self.replays += 1
             return g.output.clone()
+        # Graphs of other weights (the model moved or was reloaded) can never replay again: free them.
+        for old in [k for k in self._graphs if k[1] != key[1]]:
+            del self._graphs[old]
         if key not in self._seen or self.failed is not None:
             # First call with this signature: an ordinary run (compiles, initialises libraries).
             self._seen.add(key)
@@ -134,10 +137,6 @@ class GraphRunner:
                 self.failed,
             )
             return fn(**inputs)
-        # A new signature supersedes old graphs of other weights (the model moved or was reloaded).
-        sig = key[1]
-        for old in [k for k in self._graphs if k[1] != sig]:
-            del self._graphs[old]
         self._graphs[key] = g
         while len(self._graphs) > MAX_GRAPHS:
             self._graphs.popitem(last=False)

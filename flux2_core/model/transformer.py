@@ -122,8 +122,13 @@ class Flux2Transformer(nn.Module):
         return self._forward(**inputs, ref_img=ref_img, ref_ids=ref_ids, kv_cache=kv_cache)
 
     def release_fast_path(self) -> None:
-        """Free what the fast path holds on the device (captured CUDA graphs); call before offloading."""
+        """Free what the fast path holds on the device (captured CUDA graphs and their activations)."""
         self.fast.release()
+
+    def _apply(self, fn, recurse=True):
+        # Moving the weights (.to(), .cpu(), ...) makes captured graphs unusable: free them first.
+        self.fast.release()
+        return super()._apply(fn, recurse)
 
     def _forward(
         self,
