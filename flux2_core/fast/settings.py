@@ -110,6 +110,10 @@ def compile_available(device: torch.device) -> tuple[bool, str]:
 
         if not dynamo.is_dynamo_supported():
             return False, "torch.compile does not support this Python version"
+        if torch.torch_version.TorchVersion(torch.__version__) < "2.5":
+            # Older torch specialises compiled code on each module object (no inlining of built-in
+            # modules): every block would compile its own copy, past the recompile limit.
+            return False, f"torch {torch.__version__} is too old for per-block compilation (needs 2.5+)"
     except Exception as exc:  # noqa: BLE001 - a broken torch install: say so and run eager
         return False, f"torch.compile is unavailable ({type(exc).__name__}: {exc})"
     if device.type == "cuda":

@@ -109,3 +109,48 @@ def errors_by_mode(
             out[mode] = rel_err(model(**inputs), ref_out)
     model.fast_path = "eager"
     return out
+
+
+def explain_stages(model, dtype: torch.dtype, device) -> dict[str, tuple[int, list]]:
+    """torch._dynamo.explain of the four eager stage functions on the model's first blocks.
+
+    Returns:
+        stage name -> (graph count, break reasons).
+    """
+    from flux2_core.model.blocks import EAGER_STAGES
+    from flux2_core.model.embeddings import ModulationOut
+    from flux2_core.model.rope import rope_tables
+
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    H, n_txt, n_img = cfg.hidden_size, 6, 10
+
+    def mod():
+        return ModulationOut(*(0.1 * torch.randn(1, 1, H, generator=g).to(device, dtype) for _ in range(3)))
+
+    ids = torch.zeros(1, n_txt + n_img, 4)
+    ids[0, :, 1] = torch.arange(n_txt + n_img)
+    rope = rope_tables(ids.to(device), cfg.axes_dim, cfg.theta)
+    img = torch.randn(1, n_img, H, generator=g).to(device, dtype)
+    txt = torch.randn(1, n_txt, H, generator=g).to(device, dtype)
+    x = torch.cat((txt, img), 1)
+    m_img, m_txt = (mod(), mod()), (mod(), mod())
+    dbl, sgl = model.double_blocks[0], model.single_blocks[0]
+    out = {}
+    with torch.inference_mode():
+        q, k, v = EAGER_STAGES.double_pre(dbl, img, txt, m_img, m_txt, rope)
+        att = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
+        att = att.transpose(1, 2)
+        h = EAGER_STAGES.single_pre(sgl, x, m_txt[0], rope)[3]
+        calls = {
+            "double_pre": (dbl, img, txt, m_img, m_txt, rope),
+            "double_post": (dbl, img, txt, att, m_img, m_txt),
+            "single_pre": (sgl, x, m_txt[0], rope),
+            "single_post": (sgl, x, [att, h], m_txt[0]),
+        }
+        for name, args in calls.items():
+            e = torch._dynamo.explain(getattr(EAGER_STAGES, name))(*args)
+            out[name] = (e.graph_count, [str(r.reason)[:300] for r in e.break_reasons])
+    return out

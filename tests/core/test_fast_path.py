@@ -14,6 +14,7 @@ from fast_numerics import (
     build,
     calibrate_input_scales,
     errors_by_mode,
+    explain_stages,
     fp32_reference_of,
     inputs_for,
     rel_err,
@@ -27,7 +28,6 @@ from flux2_core.fast import graphs, settings
 from flux2_core.fast.path import width_key
 from flux2_core.model.blocks import EAGER_STAGES
 from flux2_core.model.embeddings import ModulationOut
-from flux2_core.model.rope import rope_tables
 from flux2_core.tiny.transformer import tiny_config
 from weight_streaming import StreamingConfig, WeightStreamer
 
@@ -41,22 +41,6 @@ def _no_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def _stage_inputs(cfg, dtype, n_txt=6, n_img=10, per_token=False):
-    g = torch.Generator().manual_seed(0)
-    H = cfg.hidden_size
-
-    def mod(n):
-        return ModulationOut(*(0.1 * torch.randn(1, n, H, generator=g).to(dtype) for _ in range(3)))
-
-    ids = torch.zeros(1, n_txt + n_img, 4)
-    ids[0, :, 1] = torch.arange(n_txt + n_img)
-    rope = rope_tables(ids, cfg.axes_dim, cfg.theta)
-    img = torch.randn(1, n_img, H, generator=g).to(dtype)
-    txt = torch.randn(1, n_txt, H, generator=g).to(dtype)
-    m_img = (mod(n_img if per_token else 1), mod(n_img if per_token else 1))
-    return img, txt, m_img, (mod(1), mod(1)), rope
-
-
 @pytest.mark.parametrize("fp8", [False, True])
 def test_stage_functions_trace_in_one_graph_each(fp8):
     """No graph breaks: each compiled stage is one kernel region (a break would split fusions)."""
@@ -64,26 +48,8 @@ def test_stage_functions_trace_in_one_graph_each(fp8):
     model = build(cfg, torch.bfloat16, "cpu")
     if fp8:
         to_fp8(model, {n: 0.01 for n in block_linear_names(model)})
-    dbl, sgl = model.double_blocks[0], model.single_blocks[0]
-    img, txt, m_img, m_txt, rope = _stage_inputs(cfg, torch.bfloat16)
-    x = torch.cat((txt, img), 1)
-    with torch.inference_mode():
-        q, k, v = EAGER_STAGES.double_pre(dbl, img, txt, m_img, m_txt, rope)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        )
-        out = out.transpose(1, 2)
-        _, _, _, h = EAGER_STAGES.single_pre(sgl, x, m_txt[0], rope)
-        calls = [
-            (EAGER_STAGES.double_pre, (dbl, img, txt, m_img, m_txt, rope)),
-            (EAGER_STAGES.double_post, (dbl, img, txt, out, m_img, m_txt)),
-            (EAGER_STAGES.single_pre, (sgl, x, m_txt[0], rope)),
-            (EAGER_STAGES.single_post, (sgl, x, [out, h], m_txt[0])),
-        ]
-        for fn, args in calls:
-            explained = torch._dynamo.explain(fn)(*args)
-            assert explained.graph_break_count == 0, (fn.__name__, explained.break_reasons)
-            assert explained.graph_count == 1
+    for name, (graphs_n, breaks) in explain_stages(model, torch.bfloat16, "cpu").items():
+        assert graphs_n == 1 and not breaks, (name, breaks)
 
 
 def test_single_post_empties_the_handed_over_list():

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fast_numerics import build, calibrate_input_scales, errors_by_mode, fp32_reference_of, inputs_for, to_fp8
+from fast_numerics import (
+    block_linear_names,
+    build,
+    calibrate_input_scales,
+    errors_by_mode,
+    explain_stages,
+    fp32_reference_of,
+    inputs_for,
+    to_fp8,
+)
 
 from flux2_core import Flux2Config
 from flux2_core.fast import attention as attn_mod
@@ -43,6 +52,20 @@ def _check(errs: dict[str, float]) -> None:
     for mode, e in errs.items():
         if mode != "eager":
             assert e <= RATIO * errs["eager"], (mode, errs)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_stages_trace_in_one_graph_each_on_cuda(fp8):
+    """No graph breaks on CUDA either, also through the FP8 layers' scaled-matmul forward: the FP8
+    activation quantization then fuses into the kernel that produces the activation."""
+    if fp8 and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("needs FP8 tensor cores (SM >= 8.9) for the scaled-matmul path")
+    cfg = Flux2Config.from_name("klein-4b").replace(variant="custom", depth=1, depth_single=1)
+    model = build(cfg, torch.bfloat16, CUDA)
+    if fp8:
+        to_fp8(model, {n: 0.01 for n in block_linear_names(model)})
+    for name, (graphs_n, breaks) in explain_stages(model, torch.bfloat16, CUDA).items():
+        assert graphs_n == 1 and not breaks, (name, breaks)
 
 
 def test_bf16_fast_paths_are_no_less_accurate_than_eager():
