@@ -56,7 +56,7 @@ CASES = {
         Case("klein-4b-512", "klein-4b", False, 1024),
     )
 }
-# What the issue asks of our fast path (seconds per forward on an H200).
+# Speed goals of our fast path (seconds per forward on an H200).
 GOALS = {"dev": 0.42, "klein-9b": 0.12, "klein-4b-512": 0.022, "dev-fp8": 0.28, "klein-9b-fp8": 0.09}
 
 
