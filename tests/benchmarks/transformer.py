@@ -37,10 +37,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
+from bench_report import log, print_row, summarize  # noqa: E402
 from bench_util import (  # noqa: E402
     CASES,
     DTYPE,
-    GOALS,
     INPUT_SCALE,
     ROOT,
     allocated_gib,
@@ -55,10 +55,6 @@ from flux2_core import Flux2Transformer  # noqa: E402
 from flux2_core.config import is_block_linear  # noqa: E402
 
 ALL_ANCHORS = ("comfyui", "comfyui-compile", "comfyui-nokitchen", "comfyui-fp8", "diffusers")
-
-
-def log(*a) -> None:
-    print(*a, flush=True)
 
 
 # --------------------------------------------------------------------------- ours
@@ -120,7 +116,7 @@ def run_ours(case, cfg, x, dev, args, row: dict) -> None:
             continue
         key = "ours_eager" if mode == "eager" else "ours_fast" if mode == "compile" else "ours_kitchen"
         row[key] = time_ours(model, x, dev, args, mode)
-        _print(case.name, key, row[key])
+        print_row(case.name, key, row[key])
     for backend in [b for b in args.attention.split(",") if b]:
         key = f"ours_fast_attn_{backend}"
         err = attention_error(backend, cfg, x, dev)
@@ -129,13 +125,13 @@ def run_ours(case, cfg, x, dev, args, row: dict) -> None:
         else:
             row[key] = time_ours(model, x, dev, args, "compile", backend)
             row[key]["error_vs_sdpa"] = err
-        _print(case.name, key, row[key])
+        print_row(case.name, key, row[key])
     if case.fp8:
         weight_only(model)
         for mode in ("eager", "compile"):
             key = f"ours_weight_only_{'eager' if mode == 'eager' else 'fast'}"
             row[key] = time_ours(model, x, dev, args, mode)
-            _print(case.name, key, row[key])
+            print_row(case.name, key, row[key])
     model.release_fast_path()
     del model
     free(dev)
@@ -192,7 +188,7 @@ def run_diffusers(case, cfg, x, dev, args, row: dict) -> None:
         )[0]
 
     row["diffusers"] = time_it(fwd, dev, args.warmup, args.iters, allocated_gib(dev))
-    _print(case.name, "diffusers", row["diffusers"])
+    print_row(case.name, "diffusers", row["diffusers"])
     model = None  # frees the weights before the next anchor
     free(dev)
 
@@ -231,7 +227,7 @@ def run_comfy(case, args, row: dict, kitchen: bool, what: list[str]) -> None:
             res[w] = {"skipped": note}
     for w in what:
         row[_comfy_key(w, kitchen)] = res[w]
-        _print(case.name, _comfy_key(w, kitchen), res[w])
+        print_row(case.name, _comfy_key(w, kitchen), res[w])
 
 
 def _comfy_key(what: str, kitchen: bool) -> str:
@@ -298,83 +294,6 @@ def numerics(args, dev) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------- report
-def _print(case: str, key: str, r: dict) -> None:
-    if "skipped" in r:
-        log(f"[{case}] {key}: skipped ({r['skipped']})")
-        return
-    extra = f", first call +{r['warmup_s']:.2f} s" if "warmup_s" in r else ""
-    if r.get("compile_s"):
-        extra += f" (compile {r['compile_s']:.1f} s)"
-    if r.get("graphs"):
-        extra += f", {r['graphs']} CUDA graph(s)"
-    if "activation_gib" in r:
-        extra += f", activations {r['activation_gib']:.2f} GiB"
-    if "error_vs_sdpa" in r:
-        extra += f", error vs SDPA {r['error_vs_sdpa']}"
-    log(f"[{case}] {key}: {r['seconds'] * 1e3:.2f} ms{extra}")
-
-
-def _ms(row: dict, key: str) -> str:
-    r = row.get(key, {})
-    return f"{r['seconds'] * 1e3:.1f}" if "seconds" in r else "-"
-
-
-def summarize(results: dict) -> None:
-    cols = [
-        ("ours eager", "ours_eager"),
-        ("ours fast", "ours_fast"),
-        ("ours kitchen", "ours_kitchen"),
-        ("ours weight-only fast", "ours_weight_only_fast"),
-        ("ComfyUI + ck", "comfyui"),
-        ("ComfyUI + ck compiled", "comfyui_compile"),
-        ("ComfyUI no ck", "comfyui_nokitchen"),
-        ("ComfyUI FP8 + ck", "comfyui_fp8"),
-        ("ComfyUI FP8 no input_scale", "comfyui_fp8_noscale"),
-        ("diffusers", "diffusers"),
-    ]
-    log("")
-    log(
-        "| case (ms) | "
-        + " | ".join(c for c, _ in cols)
-        + " | goal | fast compile s | act. GiB eager / fast |"
-    )
-    log("|---" * (len(cols) + 4) + "|")
-    for name, row in results["cases"].items():
-        fast = row.get("ours_fast", {})
-        act = "/".join(
-            f"{row[k]['activation_gib']:.2f}" if "activation_gib" in row.get(k, {}) else "-"
-            for k in ("ours_eager", "ours_fast")
-        )
-        goal = GOALS.get(name)
-        goal_s = f"{goal * 1e3:.0f}" if goal else "-"
-        log(
-            f"| {name} | "
-            + " | ".join(_ms(row, k) for _, k in cols)
-            + f" | {goal_s} | {fast.get('compile_s', '-')} | {act} |"
-        )
-    log("")
-    log("Ratios (anchor / ours fast; > 1 means ours is faster):")
-    for name, row in results["cases"].items():
-        ours = row.get("ours_fast", {}).get("seconds")
-        if not ours:
-            continue
-        parts = []
-        for label, key in cols:
-            s = row.get(key, {}).get("seconds")
-            if s and key != "ours_fast":
-                parts.append(f"{label} {s / ours:.3f}")
-                row[f"ratio_{key}_over_fast"] = round(s / ours, 4)
-        log(f"  [{name}] " + ", ".join(parts))
-    # Weight-only FP8 against the bf16 fast step of the same model (the RTX 3090 goal: <= 1.10x).
-    for name, row in results["cases"].items():
-        bf16 = results["cases"].get(name.replace("-fp8", ""), {}).get("ours_fast", {}).get("seconds")
-        wo = row.get("ours_weight_only_fast", {}).get("seconds")
-        if name.endswith("-fp8") and bf16 and wo:
-            row["weight_only_over_bf16"] = round(wo / bf16, 4)
-            log(f"  [{name}] weight-only FP8 fast / bf16 fast = {wo / bf16:.3f} (goal <= 1.10)")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default=",".join(CASES))
@@ -423,7 +342,7 @@ def main() -> None:
                 run_diffusers(case, cfg, x, dev, args, row)
             except Exception as exc:  # noqa: BLE001 - an anchor that cannot run is reported
                 row["diffusers"] = {"skipped": f"{type(exc).__name__}: {str(exc)[:200]}"}
-                _print(name, "diffusers", row["diffusers"])
+                print_row(name, "diffusers", row["diffusers"])
         del x
         free(dev)
         with_ck = [
