@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Parity and streaming tests run the eager blocks (the reference); the fast-path tests set
+# `Flux2Transformer.fast_path` explicitly, which wins over this.
+os.environ.setdefault("FLUX2LOCAL_FAST", "0")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,7 +12,8 @@
 The model declares its block lists (`streamable_blocks = ("double_blocks", "single_blocks")`) or they
 are passed as `blocks=`. `StreamingConfig.block_seconds` (e.g. from `measure_block_seconds` on a resident
 run) lets the planner compare plans by modelled step time; without it, `StreamingConfig.block_flops`
-(FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe.
+(FLOPs per block, counted by the model's owner) are turned into times by a short matmul probe in the
+dtype each block computes in (`block_matmul_dtype`: float8 blocks at the FP8 rate where the GPU has it).
 
 Host memory: all streamers of the process share one page-locked limit (`set_pinned_limit`; by default
 like ComfyUI's). Past it, blocks stream from the memory they already live in, or from their weight
@@ -22,7 +23,12 @@ source, with one log line saying so. `WeightStreamer(progress=...)` reports atta
 from .blocks import find_blocks
 from .config import PRESETS, StreamingConfig
 from .errors import StreamingError
-from .estimate import estimate_block_seconds, measure_matmul_flops
+from .estimate import (
+    block_matmul_dtype,
+    estimate_block_seconds,
+    estimate_blocks_seconds,
+    measure_matmul_flops,
+)
 from .host import WeightSource
 from .hostmem import (
     default_pinned_limit,
@@ -49,8 +55,10 @@ __all__ = [
     "Timing",
     "WeightSource",
     "WeightStreamer",
+    "block_matmul_dtype",
     "default_pinned_limit",
     "estimate_block_seconds",
+    "estimate_blocks_seconds",
     "find_blocks",
     "host_ram_bytes",
     "measure_block_seconds",

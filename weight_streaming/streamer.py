@@ -24,7 +24,7 @@ from . import hostmem
 from .blocks import find_blocks
 from .config import StreamingConfig
 from .errors import StreamingError
-from .estimate import estimate_block_seconds, measure_matmul_flops
+from .estimate import estimate_blocks_seconds, measure_matmul_flops
 from .host import BlockHost, BlockLayout, HostBuffer, WeightSource, set_param_data
 from .pinning import AttachProgress, FillStats, Reporter, default_pin_threads, fill_host
 from .planner import Plan, Timing, plan_residency
@@ -152,9 +152,17 @@ class WeightStreamer:
         timing = None
         block_seconds = cfg.block_seconds
         if block_seconds is None and cfg.block_flops is not None:
-            # No measured times: estimate them from the owner's FLOP counts and a matmul probe.
-            rate = cfg.matmul_flops or measure_matmul_flops(self.device, self._compute_dtype())
-            block_seconds = estimate_block_seconds(cfg.block_flops, rate, cfg.flops_efficiency)
+            # No measured times: estimate them from the owner's FLOP counts and a matmul probe in the
+            # dtype each block computes in (float8 blocks at the FP8 rate where the GPU has it).
+            block_seconds = estimate_blocks_seconds(
+                [lay.module for lay in self._layouts],
+                cfg.block_flops,
+                self.device,
+                self._compute_dtype(),
+                cfg.flops_efficiency,
+                cfg.matmul_flops,
+                probe=measure_matmul_flops,
+            )
         if block_seconds is not None:
             bw = cfg.link_bandwidth or measure_link_bandwidth(self.device)
             if bw:

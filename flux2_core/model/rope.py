@@ -7,7 +7,7 @@ RMSNorm kernel plus two fused multiply-adds on the joint (q, k) tensor.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,20 @@ class Rope:
 
     cos: torch.Tensor
     sin: torch.Tensor
+    _freqs: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def seq_len(self) -> int:
         return self.cos.shape[1]
+
+    def freqs_cis(self) -> torch.Tensor:
+        """The same rotation as 2x2 matrices per channel pair, the layout of ComfyUI's and comfy-kitchen's
+        RoPE kernels: (B, L, 1, D/2, 2, 2) fp32, ``[[cos, -sin], [sin, cos]]``. Made once per table."""
+        if self._freqs is None:
+            c = self.cos[:, :, 0, 0, 0::2]  # (B, L, D/2)
+            s = self.sin[:, :, 0, 0, 1::2]  # +sin of each pair
+            self._freqs = torch.stack((c, -s, s, c), dim=-1).unflatten(-1, (2, 2))[:, :, None]
+        return self._freqs
 
 
 def _angle_dtype(device: torch.device) -> torch.dtype:

@@ -10,10 +10,11 @@ from torch import nn
 
 from ..config import Flux2Config
 from ..errors import InputError
+from ..fast.attention import attention_for
+from ..fast.path import FastPath
 from ..kv_cache import Flux2KVCache, RefCachedAttention, RefExtractAttention
 from .blocks import DoubleStreamBlock, LastLayer, SingleStreamBlock
 from .embeddings import MLPEmbedder, Modulation, ModulationOut, timestep_embedding
-from .layers import sdpa
 from .rope import cat_rope, rope_tables
 
 
@@ -24,6 +25,13 @@ class Flux2Transformer(nn.Module):
         config: shapes and variant.
         dtype: parameter dtype.
         device: parameter device (``"meta"`` to build without memory, then assign-load).
+
+    Attributes:
+        fast_path: "auto" (default), "eager", "compile" or "kitchen": how the blocks run (see
+            ``flux2_core.fast.settings``; with "auto" the ``FLUX2LOCAL_FAST`` environment variable
+            decides, and by default CUDA with Triton compiles). Parity tests set "eager".
+        cuda_graphs: "auto" (small shapes, resident model), "on" or "off".
+        attention: "sdpa" (default) or an optional quantized backend ("kitchen-int8", "sage").
     """
 
     streamable_blocks = ("double_blocks", "single_blocks")
@@ -32,6 +40,10 @@ class Flux2Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.checkpoint_format: str | None = None
+        self.fast_path = "auto"
+        self.cuda_graphs = "auto"
+        self.attention = "sdpa"
+        self.fast = FastPath()
         H, kw = config.hidden_size, {"dtype": dtype, "device": device}
         self.img_in = nn.Linear(config.in_channels, H, bias=False, **kw)
         self.txt_in = nn.Linear(config.context_dim, H, bias=False, **kw)
@@ -95,6 +107,42 @@ class Flux2Transformer(nn.Module):
         Returns:
             (B, N, 128) velocity, in the model dtype.
         """
+        inputs = dict(
+            img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, timesteps=timesteps, guidance=guidance
+        )
+        if (
+            ref_img is None
+            and kv_cache is None
+            and all(isinstance(v, torch.Tensor) or v is None for v in inputs.values())
+        ):
+            device = img.device
+            tokens = img.shape[1] + txt.shape[1]
+            if self.fast.use_graphs(self.cuda_graphs, self.fast_path, self, device, tokens):
+                return self.fast.graphs(self._forward, self, inputs)
+        return self._forward(**inputs, ref_img=ref_img, ref_ids=ref_ids, kv_cache=kv_cache)
+
+    def release_fast_path(self) -> None:
+        """Free what the fast path holds on the device (captured CUDA graphs and their activations)."""
+        self.fast.release()
+
+    def _apply(self, fn, recurse=True):
+        # Moving the weights (.to(), .cpu(), ...) makes captured graphs unusable: free them first.
+        self.fast.release()
+        return super()._apply(fn, recurse)
+
+    def _forward(
+        self,
+        *,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+        ref_img: torch.Tensor | None = None,
+        ref_ids: torch.Tensor | None = None,
+        kv_cache: Flux2KVCache | None = None,
+    ) -> torch.Tensor:
         dtype = self.compute_dtype
         B = img.shape[0]
         timesteps = timesteps.reshape(-1).expand(B)
@@ -131,18 +179,21 @@ class Flux2Transformer(nn.Module):
             [rope_tables(i.reshape(-1, *i.shape[-2:]).expand(B, -1, -1), axes, theta) for i in ids]
         )
 
+        plain = attention_for(self.attention, img.device)
+        stages = self.fast.stages(self.fast_path, self.config, img.device)
+
         def attention(kind: str, index: int):
             if extract:
                 store = None if kv_cache is None else getattr(kv_cache, kind)
                 return RefExtractAttention(n_txt, n_ref, store, index)
             if cached:
                 return RefCachedAttention(n_txt, *getattr(kv_cache, kind)[index])
-            return sdpa
+            return plain
 
         for i, block in enumerate(self.double_blocks):
-            img, txt = block(img, txt, mod_img, mod_txt, rope, attention("double", i))
+            img, txt = block(img, txt, mod_img, mod_txt, rope, attention("double", i), stages=stages)
         x = torch.cat((txt, img), dim=1)  # (B, L + R + N, H)
         del img, txt
         for i, block in enumerate(self.single_blocks):
-            x = block(x, mod_single, rope, attention("single", i))
+            x = block(x, mod_single, rope, attention("single", i), stages=stages)
         return self.final_layer(x[:, n_txt + n_ref :], vec)

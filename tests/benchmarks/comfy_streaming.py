@@ -158,18 +158,26 @@ def comfyui_anchor(
     materialize,
     timed_steps,
     log,
+    model_cfg=None,
 ) -> dict:
     """ComfyUI partial loading at each budget ("all" = its default reserve), against our bound.
 
     The bound is the same as ours: max(our resident step, streamed bytes / pinned copy bandwidth), with
-    streamed bytes = model bytes - what ComfyUI kept on the device.
+    streamed bytes = model bytes - what ComfyUI kept on the device. ``model_cfg`` (a flux2_core
+    ``Flux2Config``) gives other shapes than [dev]'s, e.g. [klein] 4B.
     """
     path = find_comfyui(root)
     if path is None:
         return dict(skipped="no ComfyUI tree found ($COMFYUI_PATH, .whl/comfyui-bench, ~/ComfyUI)")
     dev = torch.device("cuda", torch.cuda.current_device())
-    H = 1536 if small else 6144
-    cfg = unet_config(H, H // 128, 8, 48, inputs["txt"].shape[-1])
+    if model_cfg is not None:
+        c = model_cfg
+        cfg = unet_config(
+            c.hidden_size, c.num_heads, c.depth, c.depth_single, c.context_dim, c.guidance_embed
+        )
+    else:
+        H = 1536 if small else 6144
+        cfg = unet_config(H, H // 128, 8, 48, inputs["txt"].shape[-1])
     try:
         cm = ComfyFlux2(path, cfg, materialize, dev)
     except Exception as exc:  # noqa: BLE001 - a tree that cannot be imported is reported, not fatal

@@ -1,4 +1,5 @@
-"""Weight streaming benchmark: full-size FLUX.2 [dev] (bf16, random weights) at 1024^2 on one GPU.
+"""Weight streaming benchmark: full-size FLUX.2 (random weights) on one GPU: [dev] bf16 at 1024^2 by
+default, [dev] FP8 (`--fp8`), [klein] 4B (`--variant klein-4b`, at `--side 512` or 1024).
 
 A script, not a test. For each VRAM budget (all resident, then 40/24/16/8 GiB) it attaches
 `weight_streaming.WeightStreamer` to the model, runs a few forward passes and prints the steady step
@@ -13,6 +14,16 @@ device machine). The last line is a JSON object of all figures.
     python tests/benchmarks/streaming.py --small         # a 1/4-width model, to check the script
     python tests/benchmarks/streaming.py --block-times estimated --budgets all,24,16
                                                          # plans from FLOP estimates, not measured times
+    python tests/benchmarks/streaming.py --fp8 --block-times estimated --budgets all,24,12
+                                                         # FP8 [dev] (planner: FP8 probe, stored bytes)
+    python tests/benchmarks/streaming.py --variant klein-4b --side 512 --budgets all,4,2
+    python tests/benchmarks/streaming.py --smoke         # CPU, tiny model: checks the script
+
+FP8 (`--fp8`): every block linear is flux2_core's FP8Linear (E4M3 weights, per-tensor scale, static
+input scale), so blocks stream as stored (one byte a weight) and the estimated plans use the FP8 matmul
+probe where the GPU has FP8 tensor cores. `--fast-path` sets `Flux2Transformer.fast_path` ("auto", what
+users get: compiled block stages on CUDA with Triton; "eager" for the reference blocks); the first
+step at each budget then includes no compile time (compiled once in the resident run).
 
 Planner timing input: with `--block-times measured` (default) the budgets after "all" get the block times
 measured in the resident run; with `estimated` they get `flux2_core.block_flops` per block instead, which
@@ -59,7 +70,23 @@ from weight_streaming import (  # noqa: E402
 from weight_streaming.config import UNLIMITED  # noqa: E402
 
 GiB = 1 << 30
-DEV = torch.device("cuda")
+DEV = torch.device("cuda")  # main() sets the CPU for --smoke
+SMOKE_BANDWIDTH = 1e9  # --smoke: no host-to-device link to measure; an assumed 1 GB/s
+BUDGETS_DEFAULT = "all,40,24,16,8"
+
+
+def _cuda() -> bool:
+    return DEV.type == "cuda"
+
+
+def _sync() -> None:
+    if _cuda():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if _cuda():
+        torch.cuda.empty_cache()
 
 
 def log(*a) -> None:
@@ -132,25 +159,49 @@ class StandInFlux2(nn.Module):
         return self.final(x[:, txt.shape[1] :])
 
 
-def build_ours(small: bool):
-    """FLUX.2 [dev] from flux2_core on the meta device (falls back to the stand-in, saying why)."""
+def build_ours(small: bool, variant: str = "dev", smoke: bool = False):
+    """FLUX.2 from flux2_core on the meta device (falls back to the stand-in, saying why)."""
     try:
         from flux2_core import Flux2Config, Flux2Transformer
 
-        cfg = Flux2Config.from_name("dev")
+        cfg = Flux2Config.from_name(variant)
         if small:
-            import dataclasses
-
-            cfg = dataclasses.replace(cfg, hidden_size=1536, num_heads=12)
+            cfg = cfg.replace(hidden_size=cfg.hidden_size // 4, num_heads=cfg.num_heads // 4)
+        if smoke:
+            cfg = cfg.replace(
+                variant="custom", hidden_size=256, num_heads=2, depth=2, depth_single=4, context_dim=64
+            )
         with torch.device("meta"):
             model = Flux2Transformer(cfg, dtype=torch.bfloat16)
-        return model, "flux2_core.Flux2Transformer (dev)", cfg.context_dim, cfg
+        return model, f"flux2_core.Flux2Transformer ({variant})", cfg.context_dim, cfg
     except Exception as exc:  # noqa: BLE001 - any import/config problem: say it and use the stand-in
         log(f"[model] flux2_core unavailable ({type(exc).__name__}: {exc}); using the stand-in block stack")
         H = 1536 if small else 6144
         with torch.device("meta"):
             model = StandInFlux2(H=H, heads=H // 128).to(torch.bfloat16)
         return model, "stand-in (FLUX.2 [dev] shapes)", 15360, None
+
+
+def to_fp8(model: nn.Module) -> None:
+    """Every block linear of a materialized model becomes an FP8Linear (E4M3, per-tensor weight scale,
+    static input scale), quantized on the device one layer at a time and kept where the weight was."""
+    from flux2_core.config import is_block_linear
+    from flux2_core.quant import FP8Linear, quantize_fp8
+
+    names = [n[: -len(".weight")] for n, _ in model.named_parameters() if is_block_linear(n)]
+    for name in names:
+        old = model.get_submodule(name)
+        home = old.weight.device
+        new = FP8Linear(old.in_features, old.out_features, True, device=home)
+        q, scale = quantize_fp8(old.weight.data.to(DEV))
+        new.weight.data = q.to(home)
+        new.weight_scale = scale.to(home)
+        new.input_scale = torch.tensor(0.05, device=home)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+        del old, q
+    _sync()
+    _empty_cache()
 
 
 def materialize_random(model: nn.Module, pinned: bool = False) -> float:
@@ -166,7 +217,7 @@ def materialize_random(model: nn.Module, pinned: bool = False) -> float:
     for _name, child in model.named_children():
         pieces += list(child) if isinstance(child, nn.ModuleList) else [child]
     g = torch.Generator(device=DEV).manual_seed(0)
-    staging = None if pinned else torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
+    staging = None if pinned or not _cuda() else torch.empty(GiB, dtype=torch.uint8, pin_memory=True)
     for piece in pieces:
         piece.to_empty(device=DEV)
         with torch.no_grad():
@@ -175,7 +226,9 @@ def materialize_random(model: nn.Module, pinned: bool = False) -> float:
                     p.normal_(0.0, 0.02, generator=g)
                 else:
                     p.fill_(1.0)
-                if pinned:
+                if not _cuda():
+                    host = p.data  # --smoke: already in host memory
+                elif pinned:
                     host = torch.empty(p.shape, dtype=p.dtype, pin_memory=True)
                     host.copy_(p)
                 else:
@@ -184,9 +237,9 @@ def materialize_random(model: nn.Module, pinned: bool = False) -> float:
                     host = torch.empty(p.shape, dtype=p.dtype).copy_(stage)
                 p.data = host
         piece.to("cpu")  # buffers, if any
-    torch.cuda.synchronize()
+    _sync()
     del staging
-    torch.cuda.empty_cache()
+    _empty_cache()
     return time.perf_counter() - t0
 
 
@@ -221,10 +274,10 @@ def timed_steps(fn, steps: int) -> list[float]:
     out = []
     with torch.inference_mode():
         for _ in range(steps):
-            torch.cuda.synchronize()
+            _sync()
             t = time.perf_counter()
             y = fn()
-            torch.cuda.synchronize()
+            _sync()
             out.append(time.perf_counter() - t)
             del y
     return out
@@ -254,7 +307,7 @@ def warm_up(model: nn.Module, inputs: dict) -> None:
         for m in sub:
             for n, p in m.named_parameters():
                 p.data = saved[(id(m), n)]
-        torch.cuda.empty_cache()
+        _empty_cache()
 
 
 # --------------------------------------------------------------------------- our manager
@@ -274,16 +327,17 @@ def run_budget(
     """One budget of ours. `block_flops` (with block_seconds None) makes the streamer estimate block
     times; `compare_seconds` (measured times) adds whether the measured-times plan would be the same."""
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    _empty_cache()
+    if _cuda():
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if _cuda() else 0
     cfg = StreamingConfig(
         vram_budget=weights_budget, block_seconds=block_seconds, block_flops=block_flops, link_bandwidth=bw
     )
     t0 = time.perf_counter()
     ws = WeightStreamer(model, cfg, DEV)
     plan = ws.attach()
-    torch.cuda.synchronize()
+    _sync()
     load_s = time.perf_counter() - t0
     timing_src = (
         "measured" if block_seconds is not None else "estimated" if block_flops is not None else "none"
@@ -301,12 +355,12 @@ def run_budget(
         same_as_measured = ref.resident == plan.resident and ref.ring_slots == plan.ring_slots
     times = timed_steps(lambda: model(**inputs), steps)
     tel = ws.telemetry(sync=True)
-    peak_alloc = torch.cuda.max_memory_allocated() - base
-    peak_reserved = torch.cuda.max_memory_reserved()
+    peak_alloc = torch.cuda.max_memory_allocated() - base if _cuda() else 0
+    peak_reserved = torch.cuda.max_memory_reserved() if _cuda() else 0
     extra_out = extra() if extra else None
     ws.detach()
     gc.collect()
-    torch.cuda.empty_cache()
+    _empty_cache()
     steady = statistics.median(times[1:])
     bound = max(resident_step or steady, plan.streamed_bytes / bw)
     return dict(
@@ -342,7 +396,7 @@ def run_budget(
 # The anchors live in diffusers_streaming.py and comfy_streaming.py.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--budgets", default="all,40,24,16,8", help="GiB, comma separated; 'all' = resident")
+    ap.add_argument("--budgets", default=BUDGETS_DEFAULT, help="GiB, comma separated; 'all' = resident")
     ap.add_argument("--steps", type=int, default=5, help="forward passes per budget (the first is 'first')")
     ap.add_argument("--small", action="store_true", help="quarter-width model: checks the script quickly")
     ap.add_argument("--no-diffusers", action="store_true")
@@ -360,41 +414,83 @@ def main() -> None:
     ap.add_argument(
         "--lora", action="store_true", help="also run lora_bench.py (rank-32 LoRA, streamed at 12 GiB)"
     )
+    ap.add_argument("--variant", default="dev", help="dev or klein-4b (any flux2_core preset)")
+    ap.add_argument("--fp8", action="store_true", help="FP8 block linears (static input scales)")
+    ap.add_argument(
+        "--side", type=int, default=None, help="image side in pixels (default 1024; 512 with --small)"
+    )
+    ap.add_argument("--fast-path", default="auto", help="Flux2Transformer.fast_path: auto, eager, compile")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model: check the script")
     args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV = torch.device("cpu")
+        args.steps = min(args.steps, 3)
+        args.no_diffusers = args.no_comfyui = True
+        log(
+            "[smoke] CPU, tiny model: no pinned memory, no copy stream, an assumed link bandwidth; times are not"
+        )
+        log("[smoke] meaningful; the diffusers and ComfyUI anchors need CUDA and are skipped")
     # ComfyUI reports its load decisions ("loaded partially ...") and the streamer its probe via logging.
     logging.basicConfig(level=logging.INFO, format="  (%(name)s) %(message)s", stream=sys.stdout)
-    if not torch.cuda.is_available():
-        raise SystemExit("this benchmark needs a CUDA device")
-    figures: dict = dict(device=torch.cuda.get_device_name(), torch=torch.__version__)
+    if not args.smoke and not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA device (or --smoke for a CPU check of the script)")
+    figures: dict = dict(
+        device=torch.cuda.get_device_name() if _cuda() else "cpu (smoke)",
+        torch=torch.__version__,
+        variant=args.variant,
+        fp8=args.fp8,
+    )
 
-    bw = measure_link_bandwidth(DEV, 1 << 30)
+    if _cuda():
+        bw = measure_link_bandwidth(DEV, 1 << 30)
+        log(f"[link] pinned host-to-device copy: {bw / 1e9:.1f} GB/s (1 GiB, 3 copies)")
+    else:
+        bw = SMOKE_BANDWIDTH
     figures["pinned_h2d_gbps"] = bw / 1e9
-    log(f"[link] pinned host-to-device copy: {bw / 1e9:.1f} GB/s (1 GiB, 3 copies)")
 
-    model, model_name, ctx, model_cfg = build_ours(args.small)
+    model, model_name, ctx, model_cfg = build_ours(args.small, args.variant, args.smoke)
     build_s = materialize_random(model)
+    if args.fp8:
+        to_fp8(model)
+        model_name += ", FP8 block linears"
     model.eval()
+    if hasattr(model, "fast_path"):
+        model.fast_path = args.fast_path
     figures["model"] = model_name
     n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     log(
-        f"[model] {model_name}: {n_params / 1e9:.2f} B params, {n_params * 2 / GiB:.1f} GiB, built in {build_s:.1f} s"
+        f"[model] {model_name}: {n_params / 1e9:.2f} B params, {weight_bytes / GiB:.2f} GiB as stored, built in "
+        f"{build_s:.1f} s"
     )
-    side = 512 if args.small else 1024
-    inputs = make_inputs(ctx, side=side)
+    side = args.side or (128 if args.smoke else 512 if args.small else 1024)
+    inputs = make_inputs(ctx, side=side, n_txt=16 if args.smoke else 512)
+    if args.smoke and args.budgets == BUDGETS_DEFAULT:
+        # Budgets of a tiny model: resident, then the fixed weights and a ring of two plus half and a
+        # fifth of the blocks' bytes (partly resident plans).
+        blocks = [sum(p.nbytes for p in b.parameters()) for b in (*model.double_blocks, *model.single_blocks)]
+        base = weight_bytes - sum(blocks) + 2 * max(blocks)
+        args.budgets = ",".join(["all"] + [f"{(base + f * sum(blocks)) / GiB:.5f}" for f in (0.5, 0.2)])
     warm_up(model, inputs)
     flops = None
     if args.block_times == "estimated":
         if model_cfg is None:
             raise SystemExit("--block-times estimated needs flux2_core (the stand-in has no FLOP count)")
         from flux2_core import block_flops, tokens_for
+        from weight_streaming import block_matmul_dtype
 
         flops = block_flops(model_cfg, tokens_for(side, side, text_tokens=inputs["txt"].shape[1]))
-        rate = measure_matmul_flops(DEV, torch.bfloat16)
+        # The rate the streamer's estimate uses for these blocks (an FP8 probe for FP8 blocks on FP8 GPUs).
+        mm_dtype = block_matmul_dtype(model.single_blocks[0], DEV, torch.bfloat16)
+        rate = measure_matmul_flops(DEV, mm_dtype)
         figures["block_flops_total"] = flops.total
         figures["matmul_probe_tflops"] = rate / 1e12
+        figures["matmul_probe_dtype"] = str(mm_dtype)
         log(
             f"[estimate] block FLOPs {flops.total:.3e} per step ({flops.attention_fraction:.1%} attention), "
-            f"matmul probe {rate / 1e12:.0f} TFLOP/s"
+            f"matmul probe {rate / 1e12:.0f} TFLOP/s in {mm_dtype}"
         )
 
     rows = []
@@ -414,7 +510,10 @@ def main() -> None:
             resident_step = row["steady_s"]
             row["bound_s"], row["ratio"] = resident_step, 1.0
             # Activation peak = what the forward allocates beyond the resident weights.
-            act_bytes = int(row["peak_alloc_gib"] * GiB) - n_params * 2
+            act_bytes = int(row["peak_alloc_gib"] * GiB) - weight_bytes if _cuda() else 0
+            if hasattr(model, "fast"):
+                figures["fast_path"] = model.fast.status()
+                log(f"[fast] {figures['fast_path']}")
             figures["activation_gib"] = act_bytes / GiB
             figures["block_seconds_sum"] = sum(block_seconds)
             if flops is not None:
@@ -427,7 +526,7 @@ def main() -> None:
             rows.append(row)
         else:
             budget = float(b) * GiB
-            weights_budget = int(budget - max(act_bytes, 0) - (384 << 20))
+            weights_budget = int(budget - max(act_bytes, 0) - ((384 << 20) if _cuda() else 0))
             if flops is not None:
                 r = run_budget(
                     model,
@@ -490,8 +589,16 @@ def main() -> None:
     log(f"[ours-json] {json.dumps(rows)}")
     model = None  # noqa: F841 - frees ~60 GiB of host RAM before the diffusers anchor
     gc.collect()
-    torch.cuda.empty_cache()
+    _empty_cache()
     log(f"[host] {host_available_gib():.1f} GiB of host RAM available before the anchors")
+    if args.fp8 or args.variant != "dev":
+        # The anchors build bf16 [dev]; ComfyUI's streaming of other shapes gets its config below.
+        args.no_diffusers = True
+        if args.fp8:
+            args.no_comfyui = True
+            log(
+                "[anchors] FP8: no streaming anchor with FP8 weights here (ComfyUI's FP8 path: transformer.py)"
+            )
 
     from diffusers_streaming import diffusers_anchor
 
@@ -526,6 +633,7 @@ def main() -> None:
             materialize_random,
             timed_steps,
             log,
+            model_cfg,
         )
         if "skipped" in figures["comfyui"]:
             log(f"[comfyui] skipped: {figures['comfyui']['skipped']}")

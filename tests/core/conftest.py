@@ -1,5 +1,10 @@
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # helper modules of these tests (fast_numerics)
 
 from flux2_core.tiny.transformer import write_tiny_transformer
 
