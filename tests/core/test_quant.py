@@ -56,8 +56,8 @@ def test_fp8_linear_fallback_matches_dequantized():
 def test_fp8_linear_scaled_mm_on_gpu():
     lin = FP8Linear(256, 128).cuda()
     q, s = quantize_fp8(torch.randn(128, 256))
-    lin.weight.data, lin.weight_scale = q.cuda(), s.cuda()
-    lin.input_scale = torch.tensor(0.02, device="cuda")
+    lin.weight.data, lin.weight_scale.data = q.cuda(), s.cuda()
+    lin.input_scale.data = torch.tensor(0.02, device="cuda")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ (q.cuda().float() * s.cuda()).t()
     assert (lin(x).float() - ref).norm() / ref.norm() < 0.08
