@@ -34,6 +34,28 @@ _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _FIX_DOWNLOAD = "Download the file again; it is truncated or damaged (an interrupted download?)."
 
 
+def _reader_class():
+    """``gguf.GGUFReader`` holding its mapping as a plain ndarray view of the same pages.
+
+    The reader slices its mapping once per metadata value; slices of an ``np.memmap`` are memmap
+    objects whose bookkeeping makes parsing a 150k-token vocabulary about 3x slower. A plain view
+    of the mapping has no such cost and still maps (never copies) the file.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+
+    class _Reader(GGUFReader):
+        @property
+        def data(self):
+            return self._mapped
+
+        @data.setter
+        def data(self, value):
+            self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return _Reader
+
+
 def is_gguf(path: str | os.PathLike) -> bool:
     """True for a file that starts with the GGUF magic (whatever its name)."""
     try:
@@ -89,8 +111,6 @@ class GGUFFile:
         return [self]
 
     def _open(self):
-        from gguf import GGUFReader
-
         try:
             size = os.path.getsize(self.path)
         except OSError as e:
@@ -114,7 +134,7 @@ class GGUFFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # 'c' maps the file copy-on-write: pages load lazily and writes stay private.
-                reader = GGUFReader(self.path, "c")
+                reader = _reader_class()(self.path, "c")
         except (ValueError, IndexError, OSError, KeyError) as e:
             raise CheckpointError(
                 self.path,
