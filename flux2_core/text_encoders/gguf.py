@@ -21,7 +21,9 @@ import re
 import torch
 
 from ..checkpoint.gguf_file import GGUFFile
+from ..checkpoint.identify import FLUX2_TEXT_ENCODER, identify, wrong_model
 from ..errors import CheckpointError
+from .layout import _TE_FIX as TE_FIX
 from .layout import TextEncoderLayout
 from .spec import DECODER_PRESETS, MISTRAL3, MISTRAL3_SPECIAL_IDS, QWEN3, QWEN3_PAD_ID, DecoderShape
 
@@ -166,8 +168,13 @@ def detect_gguf_layout(reader: GGUFTextReader) -> TextEncoderLayout:
     file, arch, path = reader.file, reader.arch, reader.path
     kind = GGUF_ARCHS.get(arch or "")
     if kind is None:
-        raise CheckpointError(
-            path, f"is a GGUF of architecture '{arch}', not Mistral Small 3.x or Qwen3.", _FIX
+        found = identify(file.keys(), file.shape, arch)
+        raise wrong_model(
+            path,
+            None if found is None or found.key == FLUX2_TEXT_ENCODER else found,
+            "a Mistral Small 3.x or Qwen3 text encoder",
+            _FIX + " " + TE_FIX,
+            f"GGUF architecture '{arch}'",
         )
     for need in ("model.embed_tokens.weight", "model.layers.0.self_attn.k_proj.weight"):
         if need not in reader:
@@ -298,7 +305,12 @@ def _qwen_from_gguf(tokens: list[str], types: list[int], merges: list[str], path
     added_ids = {i for i, _ in added}
     vocab = {t: i for i, (t, ty) in enumerate(zip(tokens, types)) if i not in added_ids and ty == 1}
     pairs = [tuple(m.split(" ", 1)) for m in merges]
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as e:  # tokenizers raises its own error types for inconsistent vocab/merges
+        raise CheckpointError(
+            path, f"has tokenizer fields that do not form a BPE ({e}).", _TOKENIZER_FIX
+        ) from None
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -363,14 +375,13 @@ def _build_prompt_tokenizer(file: GGUFFile, kind: str):
                 path, "has a Qwen3 tokenizer without 'tokenizer.ggml.merges'.", _TOKENIZER_FIX
             )
         tok = _qwen_from_gguf(tokens, types, merges, path)
-    prompt = PromptTokenizer(kind, tok, f"{path} (GGUF tokenizer)")
-    check_tokenizer_ids(prompt, path)
-    return prompt
+    check_tokenizer_ids(kind, tok, path)
+    return PromptTokenizer(kind, tok, f"{path} (GGUF tokenizer)")
 
 
-def check_tokenizer_ids(prompt, path: str) -> None:
+def check_tokenizer_ids(kind: str, tokenizer, path: str) -> None:
     """The control-token ids FLUX.2's templates use must be where the trained encoder expects them."""
-    if prompt.kind == MISTRAL3:
+    if kind == MISTRAL3:
         wanted = dict(MISTRAL3_SPECIAL_IDS)
     else:
         wanted = {
@@ -378,9 +389,9 @@ def check_tokenizer_ids(prompt, path: str) -> None:
             "<|im_start|>": QWEN3_PAD_ID + 1,
             "<|im_end|>": QWEN3_PAD_ID + 2,
         }
-    wrong = {name: idx for name, idx in wanted.items() if prompt.tokenizer.token_to_id(name) != idx}
+    wrong = {name: idx for name, idx in wanted.items() if tokenizer.token_to_id(name) != idx}
     if wrong:
-        found = {n: prompt.tokenizer.token_to_id(n) for n in wrong}
+        found = {n: tokenizer.token_to_id(n) for n in wrong}
         raise CheckpointError(
             path,
             f"has a tokenizer whose control tokens sit at other ids than the encoder was trained with "

@@ -23,7 +23,9 @@ def gguf_files(tmp_path_factory):
         key = (variant, mix, prefix, arch)
         if key not in cache:
             folder = root / "-".join(map(str, key))
-            cache[key] = write_tiny_gguf_transformer(folder, variant, mix=mix, prefix=prefix, arch=arch, seed=3)
+            cache[key] = write_tiny_gguf_transformer(
+                folder, variant, mix=mix, prefix=prefix, arch=arch, seed=3
+            )
         return cache[key]
 
     return get
@@ -46,7 +48,9 @@ def _diffusers_reference(path, config):
 
 
 @pytest.mark.parametrize(
-    ("variant", "prefix", "arch"), [("dev", False, "flux"), ("klein-4b", True, "flux2")], ids=["dev", "klein-prefixed"]
+    ("variant", "prefix", "arch"),
+    [("dev", False, "flux"), ("klein-4b", True, "flux2")],
+    ids=["dev", "klein-prefixed"],
 )
 def test_gguf_forward_matches_diffusers_on_the_dequantized_weights(gguf_files, variant, prefix, arch):
     path = gguf_files(variant, "mixed", prefix, arch)
