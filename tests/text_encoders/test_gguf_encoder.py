@@ -124,6 +124,15 @@ def test_quantized_gguf_equals_transformers_on_the_dequantized_weights(
     )
     assert theirs[mask.bool()].std() > 0.01
     assert _rel(ours, theirs, mask) <= 1e-5
+    # streamed, with the paged layers read from the GGUF's own bytes, equals resident bit for bit
+    from weight_streaming import StreamingConfig, WeightStreamer
+
+    fixed = sum(p.numel() * p.element_size() for n, p in enc.named_parameters() if ".layers." not in n)
+    block = sum(p.numel() * p.element_size() for p in enc.model.layers[0].parameters())
+    cfg = StreamingConfig(vram_budget=fixed + 6 * block)
+    with torch.no_grad(), WeightStreamer(enc, cfg, device="cpu", source=enc.weight_source) as ws:
+        assert len(ws.plan.streamed_indices) > 10
+        assert torch.equal(enc.hidden_states(ids, mask), ours)
     # the tokenizer rebuilt from tokenizer.ggml.* gives the Hugging Face / tekken tokenizer's ids
     hf = encoder(kind, "hf")
     for p in PROMPTS:
