@@ -34,7 +34,7 @@ from .transformer import FILE_NAMES, random_bfl_state_dict, tiny_config
 # fp16 fields of each block type: (byte offset, role). "d" scales the codes; "min" is the offset
 # term (subtracted: K-quants' dmin; added: Q4_1/Q5_1's m), set to ``centre`` x d so values are
 # roughly zero-mean.
-_F16_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
+F16_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
     "Q8_0": ((0, "d"),),
     "Q4_0": ((0, "d"),),
     "Q5_0": ((0, "d"),),
@@ -49,7 +49,7 @@ _F16_FIELDS: dict[str, tuple[tuple[int, str], ...]] = {
     "Q6_K": ((208, "d"),),
 }
 # min = centre x d: Q4_1/Q5_1 add m (so negative), K-quants subtract dmin x m (positive).
-_CENTRE = {"Q4_1": -8.0, "Q5_1": -16.0, "Q2_K": 2.0, "Q4_K": 8.0, "Q5_K": 16.0}
+CENTRE = {"Q4_1": -8.0, "Q5_1": -16.0, "Q2_K": 2.0, "Q4_K": 8.0, "Q5_K": 16.0}
 # Q6_K's int8 sub-scales (bytes 192:208) capped at |s| <= 63 in exact mode (|s x q| < 2048).
 _INT8_SCALES = {"Q6_K": (192, 208)}
 
@@ -90,11 +90,18 @@ def _gguf():
 
 
 def random_quant_blocks(
-    type_name: str, rows: int, cols: int, std: float, rng: np.random.Generator, exact_fp16: bool = False
+    type_name: str,
+    rows: int,
+    cols: int,
+    std: float,
+    rng: np.random.Generator,
+    exact_fp16: bool = False,
+    calibrate_rows: int | None = None,
 ) -> np.ndarray:
     """Random stored bytes (rows, bytes per row) of a ``type_name`` tensor with spread ``std``.
 
     The values these bytes decode to are defined by the reference decoder (``gguf.quants.dequantize``).
+    ``calibrate_rows`` measures the spread on the first rows only (full-size benchmark tensors).
     """
     g = _gguf()
     t = GGML_TYPES[type_name]
@@ -109,12 +116,13 @@ def random_quant_blocks(
         d = rng.uniform(0.5, 1.5, blocks.shape[0]).astype(np.float32)
 
     def put(scale: np.ndarray) -> None:
-        for offset, role in _F16_FIELDS[type_name]:
-            value = scale * (_CENTRE.get(type_name, 0.0) if role == "min" else 1.0)
+        for offset, role in F16_FIELDS[type_name]:
+            value = scale * (CENTRE.get(type_name, 0.0) if role == "min" else 1.0)
             blocks[:, offset : offset + 2] = value.astype(np.float16).view(np.uint8).reshape(-1, 2)
 
     put(d)
-    ref = g.quants.dequantize(raw, g.GGMLQuantizationType[type_name])
+    sample = raw if calibrate_rows is None else raw[:calibrate_rows]
+    ref = g.quants.dequantize(sample, g.GGMLQuantizationType[type_name])
     spread = float(ref.std()) or 1.0
     factor = std / spread
     if exact_fp16:
@@ -186,30 +194,52 @@ def write_tiny_gguf_transformer(
     path = Path(path)
     file = path if path.suffix == ".gguf" else path / f"{FILE_NAMES[variant]}-{mix}.gguf"
     file.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    small = config is None
-    sd = random_bfl_state_dict(cfg, seed) if small else None
-    writer = g.GGUFWriter(str(file), arch)
-    writer.add_string("general.name", f"flux2 {variant} tiny random")
-    writer.add_uint32("general.quantization_version", 2)
-    n_quant = 0
-    for i, (name, shape) in enumerate(bfl_shapes(cfg).items()):
+    sd = random_bfl_state_dict(cfg, seed) if config is None else None
+    specs, n_quant = [], 0
+    for name, shape in bfl_shapes(cfg).items():
         storage = storage_for(name, shape, mix, n_quant)
         n_quant += GGML_TYPES[storage].quantized
+        specs.append((name, shape, storage))
+
+    def data(i: int, name: str, shape: tuple[int, ...], storage: str):
+        # One generator per tensor: the data pass can make each tensor on its own, in order.
+        rng = np.random.default_rng([seed, i])
         if sd is not None:
             w = sd[name]
-        elif storage in ("F32", "F16", "BF16"):
-            w = torch.randn(shape, generator=torch.Generator().manual_seed(seed + i)) / math.sqrt(shape[-1])
-            if name.endswith(".scale"):
-                w = 1 + 0.1 * w
+        elif storage in ("F32", "F16", "BF16"):  # full size: norms ~1, small matrices ~N(0, 1/fan_in)
+            w = torch.from_numpy(rng.standard_normal(shape, dtype=np.float32)) / math.sqrt(shape[-1])
+            w = 1 + 0.1 * w if name.endswith(".scale") else w
         else:  # full-size quantized: only the spread matters
-            w = torch.full((2,), 1.0 / math.sqrt(shape[-1])) * torch.tensor([1.0, -1.0])
-        data, raw_dtype = _store(name, shape, storage, w, rng, exact_fp16)
-        key = ("model.diffusion_model." if prefix else "") + name
-        writer.add_tensor(key, data, raw_dtype=raw_dtype)
+            w = torch.tensor([1.0, -1.0]) / math.sqrt(shape[-1])
+        if GGML_TYPES[storage].quantized:
+            rows = math.prod(shape[:-1])
+            raw = random_quant_blocks(
+                storage, rows, shape[-1], float(w.std()), rng, exact_fp16, None if sd is not None else 64
+            )
+            return raw.reshape(*shape[:-1], -1), g.GGMLQuantizationType[storage]
+        return _store(name, shape, storage, w, rng, exact_fp16)
+
+    writer = g.GGUFWriter(str(file), arch)
+    writer.add_string("general.name", f"flux2 {variant} random")
+    writer.add_uint32("general.quantization_version", 2)
+    pre = "model.diffusion_model." if prefix else ""
+    for name, shape, storage in specs:
+        q = GGML_TYPES[storage]
+        if q.quantized:
+            stored, dtype = (*shape[:-1], q.row_bytes(shape[-1])), np.uint8
+        elif storage == "BF16":  # written as its raw bytes
+            stored, dtype = (*shape[:-1], 2 * shape[-1]), np.uint8
+        else:
+            stored, dtype = shape, {"F32": np.float32, "F16": np.float16}[storage]
+        raw = None if storage in ("F32", "F16") else g.GGMLQuantizationType[storage]
+        nbytes = math.prod(stored) * np.dtype(dtype).itemsize
+        writer.add_tensor_info(pre + name, stored, np.dtype(dtype), nbytes, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for i, (name, shape, storage) in enumerate(specs):
+        arr, _ = data(i, name, shape, storage)
+        writer.write_tensor_data(np.ascontiguousarray(arr))
     writer.close()
     return file
 
@@ -223,7 +253,7 @@ def reference_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         values = g.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        out[t.name] = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
+        out[t.name] = torch.from_numpy(np.array(values, dtype=np.float32, copy=True)).reshape(shape)
     return out
 
 
