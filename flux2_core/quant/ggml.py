@@ -17,10 +17,14 @@ no host round trip, no data-dependent branching, so the decoders run unchanged u
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 QK_K = 256  # super-block size of the K-quants
 
@@ -252,6 +256,38 @@ GGML_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}
 _CHUNK_VALUES = 16 * 1024 * 1024
 
 
+# Optional fused decoders on CUDA: torch.compile turns each type's chain of bit operations, the
+# float32 math and the cast into one kernel (one read of the stored bytes, one write of the result)
+# instead of a dozen eager kernels with float32 temporaries. Opt-in (FLUX2LOCAL_COMPILE_DEQUANT=1)
+# because compiling costs seconds per type on the first step; a failure falls back to eager.
+_COMPILED: dict[tuple[str, torch.dtype], Callable[[torch.Tensor], torch.Tensor]] = {}
+_COMPILE_FAILED: list[str] = []
+
+
+def _compile_enabled(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT", "0") == "1"
+        and not _COMPILE_FAILED
+        and not torch.compiler.is_compiling()
+    )
+
+
+def _decode(qtype: GGMLType, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(n_blocks, type_size) -> (n_blocks, block) values in ``dtype`` (float32 math, rounded once)."""
+    if not _compile_enabled(blocks.device):
+        return qtype.decode(blocks)
+    key = (qtype.name, dtype)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(lambda b: qtype.decode(b).to(dtype), dynamic=True, fullgraph=True)
+    try:
+        return _COMPILED[key](blocks)
+    except Exception as e:  # noqa: BLE001 - no Triton, an unsupported GPU...: decode eagerly from now on
+        _COMPILE_FAILED.append(f"{type(e).__name__}: {e}")
+        logger.warning("compiled GGUF dequantization failed (%s); using eager torch ops", _COMPILE_FAILED[0])
+        return qtype.decode(blocks)
+
+
 def ggml_type(name_or_id: str | int) -> GGMLType:
     """The table row of a GGML type by name ("Q4_K") or GGUF id (12). KeyError if unsupported."""
     return GGML_BY_ID[name_or_id] if isinstance(name_or_id, int) else GGML_TYPES[name_or_id]
@@ -288,6 +324,6 @@ def dequantize_ggml(
     for r in range(0, rows, step):
         part = raw[r : r + step]
         n = part.shape[0]
-        values = qtype.decode(part.reshape(-1, qtype.type_size))  # (n_blocks, block) float32
+        values = _decode(qtype, part.reshape(-1, qtype.type_size), dtype)  # (n_blocks, block)
         flat[r : r + n].copy_(values.view(n, cols))
     return out

@@ -307,7 +307,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--workdir", default=None, help="where the GGUF / fp8mixed files are written")
     ap.add_argument("--no-anchors", action="store_true")
+    ap.add_argument(
+        "--compile-dequant",
+        action="store_true",
+        help="fused (torch.compile) GGUF decoders on CUDA: sets FLUX2LOCAL_COMPILE_DEQUANT=1",
+    )
     args = ap.parse_args()
+    if args.compile_dequant:
+        os.environ["FLUX2LOCAL_COMPILE_DEQUANT"] = "1"
     logging.basicConfig(level=logging.WARNING, format="  (%(name)s) %(message)s", stream=sys.stdout)
     mode = "smoke" if args.smoke else "small" if args.small else "full"
     if mode != "smoke" and not torch.cuda.is_available():
@@ -321,7 +328,14 @@ def main() -> None:
     cfg = config_for(mode)
     side, n_txt = (64, 16) if mode == "smoke" else (512, 512) if mode == "small" else (1024, 512)
     inputs = make_inputs(cfg, side, n_txt, DEVICE)
-    figures: dict = dict(mode=mode, device=str(DEVICE), torch=torch.__version__, side=side, text_tokens=n_txt)
+    figures: dict = dict(
+        mode=mode,
+        device=str(DEVICE),
+        torch=torch.__version__,
+        side=side,
+        text_tokens=n_txt,
+        compile_dequant=os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT") == "1",
+    )
     if DEVICE.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(DEVICE)
         figures["capability"] = list(torch.cuda.get_device_capability(DEVICE))

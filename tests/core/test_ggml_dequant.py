@@ -111,3 +111,25 @@ def test_gguf_linear_forward_is_the_dequantized_matmul():
     assert lin(x.bfloat16()).dtype == torch.bfloat16
     with pytest.raises(ValueError, match="multiple of 256"):
         GGUFLinear(100, 4, "Q4_K")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_decoders_equal_the_reference(compiled, monkeypatch):
+    import flux2_core.quant.ggml as ggml
+
+    monkeypatch.setenv("FLUX2LOCAL_COMPILE_DEQUANT", "1" if compiled else "0")
+    for name in QUANTIZED:
+        t = GGML_TYPES[name]
+        raw = _random_blocks(name, 64, 2 * t.block, seed=2)
+        ref = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[name])
+        got = dequantize_ggml(torch.from_numpy(raw).cuda(), t, (64, 2 * t.block), torch.float32).cpu()
+        if compiled:  # a fused kernel may contract multiply-subtract into one FMA: one rounding less
+            scale = float(np.abs(ref).max())
+            torch.testing.assert_close(got, torch.from_numpy(ref), rtol=1e-6, atol=1e-6 * scale, msg=name)
+        else:
+            np.testing.assert_array_equal(got.numpy(), ref, err_msg=name)
+            bf16 = dequantize_ggml(torch.from_numpy(raw).cuda(), t, (64, 2 * t.block), torch.bfloat16)
+            assert torch.equal(bf16.cpu(), torch.from_numpy(ref).to(torch.bfloat16)), name
+    assert not ggml._COMPILE_FAILED

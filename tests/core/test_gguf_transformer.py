@@ -1,6 +1,8 @@
 """GGUF transformers as the converters write them: loaded in their stored bytes, equal to diffusers
 on the same (dequantized) weights, every variant detected, every bad file named."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,17 @@ from flux2_core.tiny.gguf import reference_state_dict, write_tiny_gguf_transform
 from .conftest import make_inputs
 
 gguf = pytest.importorskip("gguf")
+
+
+def _mapped_file(ptr: int) -> str | None:
+    """The file whose memory mapping holds address ``ptr`` (Linux /proc/self/maps), else None."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= ptr < hi:
+                return os.path.realpath(parts[5]) if len(parts) > 5 else None
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +103,9 @@ def test_gguf_weights_stay_in_their_stored_bytes(gguf_files):
         assert layer.weight.numel() == t.n_bytes
         types.add(layer.storage)
     assert types >= {"Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"}
+    # no second copy in RAM: the kept bytes are the memory-mapped file's own pages
+    for layer in layers.values():
+        assert _mapped_file(layer.weight.data_ptr()) == os.path.realpath(path)
     # the summary is the file's mix by parameter count
     counts = {}
     for t in reader.tensors:
@@ -101,7 +117,7 @@ def test_gguf_weights_stay_in_their_stored_bytes(gguf_files):
 
 
 def test_kept_and_dequantized_gguf_agree_exactly(gguf_files):
-    path = gguf_files("dev", "Q4_K_M")
+    path = gguf_files("klein-4b", "Q4_K_M")
     ref = reference_state_dict(path)
     dense = load_transformer(path, dtype=torch.float32, keep_quantized=False)
     for k, v in dense.state_dict().items():

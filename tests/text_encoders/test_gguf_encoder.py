@@ -105,7 +105,7 @@ def test_f32_gguf_equals_transformers_on_the_original_weights(gguf_te, reference
 
 @pytest.mark.parametrize(
     ("kind", "arch", "mix"),
-    [("mistral3", "mistral3", "mixed"), ("qwen3-8b", None, "Q5_1")],
+    [("mistral3", "mistral3", "mixed"), ("qwen3-8b", None, "Q8_0")],
     ids=["mistral3", "qwen3"],
 )
 def test_quantized_gguf_equals_transformers_on_the_dequantized_weights(
