@@ -144,7 +144,9 @@ def load_text_encoder(
     Args:
         path: a single ``.safetensors`` file (ComfyUI ``mistral_3_small_flux2_*``, ``qwen_3_4b``,
             ``qwen_3_8b*``, fp8 variants, the pruned 30-layer Mistral, or a checkpoint bundling
-            ``text_encoders.*``), a transformers ``text_encoder/`` folder, or a diffusers pipeline folder.
+            ``text_encoders.*``), a llama.cpp ``.gguf`` (Qwen3 as "qwen3", Mistral Small 3.x as "llama"
+            or "mistral3"; its tokenizer is rebuilt from the file's ``tokenizer.ggml.*`` fields), a
+            transformers ``text_encoder/`` folder, or a diffusers pipeline folder.
         tokenizer: optional tokenizer file or folder; by default it is found next to the model (or, for
             ComfyUI's Mistral files, read from the embedded ``tekken_model`` tensor).
         dtype: compute dtype (FP8-stored Linear weights stay FP8 and are dequantized to it per layer).
@@ -157,7 +159,8 @@ def load_text_encoder(
         A ``Flux2TextEncoder`` holding only the decoder layers FLUX.2 reads (30 or 27).
 
     Raises:
-        CheckpointError: not a FLUX.2 text encoder, incomplete, or no tokenizer found.
+        CheckpointError: not a FLUX.2 text encoder, incomplete, unsupported quantization, or no
+            tokenizer found (a GGUF without tokenizer fields, unless ``tokenizer`` is given).
     """
     from transformers import MistralModel, Qwen3Model
 
