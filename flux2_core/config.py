@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
+
+from .checkpoint.keys import count_blocks
 
 HEAD_DIM = 128
 
@@ -99,12 +100,6 @@ _FAMILIES = {
 }
 
 
-def _block_count(keys: Iterable[str], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    idx = {int(m.group(1)) for k in keys if (m := pat.match(k))}
-    return max(idx) + 1 if idx else 0
-
-
 def config_from_bfl_shapes(
     shapes: dict[str, tuple[int, ...]],
     name_hint: str | None = None,
@@ -122,8 +117,8 @@ def config_from_bfl_shapes(
     """
     hidden, in_ch = shapes["img_in.weight"]
     ctx = shapes["txt_in.weight"][1]
-    depth = _block_count(shapes, "double_blocks.")
-    single = _block_count(shapes, "single_blocks.")
+    depth = count_blocks(shapes, "double_blocks.")
+    single = count_blocks(shapes, "single_blocks.")
     guidance = "guidance_in.in_layer.weight" in shapes
     mlp_ratio = 3.0
     if depth:

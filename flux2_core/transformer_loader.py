@@ -3,6 +3,11 @@
 The model is built on the meta device and assign-loaded strictly. Tensors are converted one at a
 time from memory-mapped file views, so RAM never holds two copies of the weights: a tensor already
 in the requested dtype is used in place (a view of the mapped file), others are converted alone.
+
+Quantized Linear weights (GGUF types, NVFP4, and FP8 with ``keep_fp8``) stay in their stored bytes
+inside ``QuantLinear`` layers and are dequantized per layer as the layer runs; small tensors (norm
+scales, stored F32 by the converters) and ``img_in`` (whose dtype is the model's compute dtype) are
+converted to ``dtype`` at load.
 """
 
 from __future__ import annotations
@@ -13,24 +18,30 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .checkpoint import CheckpointReader, open_checkpoint
+from .checkpoint.assign import assign_state, check_tensors
+from .checkpoint.containers import open_model
 from .checkpoint.layouts import swap_halves
-from .checkpoint.transformer_plan import TensorSource, TransformerPlan, fp8_block_layers, plan_transformer
-from .config import Flux2Config, config_from_bfl_shapes
+from .checkpoint.transformer_plan import TensorSource, TransformerPlan, plan_transformer
+from .config import Flux2Config, config_from_bfl_shapes, is_block_linear
 from .errors import CheckpointError
 from .model.transformer import Flux2Transformer
+from .quant.formats import QuantFormat, fp8_format, gguf_format, nvfp4_format
 from .quant.fp8 import dequantize_fp8
-from .quant.linear import FP8Linear
+from .quant.linear import QuantLinear
 from .quant.nvfp4 import dequantize_nvfp4
+from .quant.summary import quant_summary
+from .quant.swap import swap_linears
 
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_LIST = 8  # names shown in missing/unexpected key errors
+# Kept in the compute dtype whatever the file stores: the model reads its compute dtype from it.
+_DENSE_ALWAYS = frozenset({"img_in.weight"})
 
 
-def _hints(path: Path, reader: CheckpointReader) -> tuple[str, bool | None]:
+def _hints(path: Path, reader) -> tuple[str, bool | None]:
     """Name hint (file or folder name) and ``is_distilled`` from a diffusers ``model_index.json``."""
     if path.is_file():
         return path.name, None
@@ -45,42 +56,98 @@ def _hints(path: Path, reader: CheckpointReader) -> tuple[str, bool | None]:
     return path.name, None
 
 
-def _materialize(reader: CheckpointReader, src: TensorSource, dtype: torch.dtype, device: torch.device):
-    def get(key: str) -> torch.Tensor:
-        t = reader.get(key)
-        return t.to(device) if device.type != "cpu" else t
-
-    if src.kind == "plain":
-        return get(src.keys[0]).to(dtype)
-    if src.kind == "cat":
-        return torch.cat([get(k).to(dtype) for k in src.keys], dim=0)
-    if src.kind == "swap":
-        return swap_halves(get(src.keys[0]).to(dtype))
-    if src.kind == "fp8":
-        scale = None if src.scale is None else get(src.scale)
-        return dequantize_fp8(get(src.keys[0]), scale, dtype)
-    if src.kind == "nvfp4":
-        return dequantize_nvfp4(get(src.keys[0]), get(src.scale), get(src.scale2), dtype)
-    raise AssertionError(src.kind)
+# ------------------------------------------------------------------ dense tensors, by source kind
+def _get(reader, key: str, device: torch.device) -> torch.Tensor:
+    t = reader.get(key)
+    return t.to(device) if device.type != "cpu" else t
 
 
-def _keep_fp8(model: Flux2Transformer, plan: TransformerPlan) -> set[str]:
-    """Swap the fp8-stored block Linears for ``FP8Linear`` (on meta). Returns the layer names."""
-    layers = fp8_block_layers(plan)
-    for name, has_input_scale in layers.items():
-        parent, _, attr = name.rpartition(".")
-        old = model.get_submodule(name)
-        wdtype = torch.float8_e4m3fn
-        new = FP8Linear(
-            old.in_features, old.out_features, has_input_scale, weight_dtype=wdtype, device="meta"
-        )
-        setattr(model.get_submodule(parent), attr, new)
-    return set(layers)
+def _dense_fp8(reader, src: TensorSource, dtype, device):
+    scale = None if src.scale is None else _get(reader, src.scale, device)
+    return dequantize_fp8(_get(reader, src.keys[0], device), scale, dtype)
 
 
-def _fmt(names: list[str]) -> str:
-    more = f" (+{len(names) - _LIST} more)" if len(names) > _LIST else ""
-    return ", ".join(names[:_LIST]) + more
+def _dense_nvfp4(reader, src: TensorSource, dtype, device):
+    return dequantize_nvfp4(
+        _get(reader, src.keys[0], device),
+        _get(reader, src.scale, device),
+        _get(reader, src.scale2, device),
+        dtype,
+    )
+
+
+# kind -> (reader, source, dtype, device) -> the tensor in ``dtype`` on ``device``.
+DENSE = {
+    "plain": lambda r, s, dt, dev: _get(r, s.keys[0], dev).to(dt),
+    "cat": lambda r, s, dt, dev: torch.cat([_get(r, k, dev).to(dt) for k in s.keys], dim=0),
+    "swap": lambda r, s, dt, dev: swap_halves(_get(r, s.keys[0], dev).to(dt)),
+    "fp8": _dense_fp8,
+    "nvfp4": _dense_nvfp4,
+    "gguf": lambda r, s, dt, dev: r.dequantize(s.keys[0], dt, dev),
+}
+
+
+# ------------------------------------------------------------- kept-quantized layers, by kind
+def _fp8_format(reader, src: TensorSource) -> QuantFormat:
+    per_row = src.scale is not None and reader.nbytes(src.scale) > 4
+    return fp8_format(reader.dtype(src.keys[0]), per_row=per_row, input_scale=src.input_scale is not None)
+
+
+def _fp8_state(reader, src: TensorSource, layer: QuantLinear, device) -> dict[str, torch.Tensor]:
+    scale = _get(reader, src.scale, device).float() if src.scale else torch.ones((), device=device)
+    out = {
+        "weight": _get(reader, src.keys[0], device),
+        "weight_scale": scale.reshape(layer.weight_scale.shape),
+    }
+    if src.input_scale is not None:
+        out["input_scale"] = _get(reader, src.input_scale, device).float().reshape(())
+    return out
+
+
+def _nvfp4_state(reader, src: TensorSource, layer: QuantLinear, device) -> dict[str, torch.Tensor]:
+    out = {
+        "weight": _get(reader, src.keys[0], device),
+        "weight_scale": _get(reader, src.scale, device),
+        "weight_scale_2": _get(reader, src.scale2, device).float().reshape(()),
+    }
+    if src.input_scale is not None:
+        out["input_scale"] = _get(reader, src.input_scale, device).float().reshape(())
+    return out
+
+
+def _gguf_state(reader, src: TensorSource, layer: QuantLinear, device) -> dict[str, torch.Tensor]:
+    return {"weight": _get(reader, src.keys[0], device)}
+
+
+# kind -> (format of a kept layer, its stored tensors). Which kinds stay quantized is decided by
+# ``_kept_layers`` from the loader's options.
+QUANT_LAYERS = {
+    "fp8": (_fp8_format, _fp8_state),
+    "nvfp4": (lambda r, s: nvfp4_format(input_scale=s.input_scale is not None), _nvfp4_state),
+    "gguf": (lambda r, s: gguf_format(r.ggml(s.keys[0])), _gguf_state),
+}
+
+
+def _kept_layers(
+    model: nn.Module, plan: TransformerPlan, reader, keep_fp8: bool, keep_quantized: bool
+) -> dict[str, TensorSource]:
+    """Layer name -> source, for every Linear whose weight stays in its stored (quantized) bytes."""
+    kept = {}
+    for key, src in plan.sources.items():
+        if not key.endswith(".weight") or key in _DENSE_ALWAYS:
+            continue
+        if src.kind == "fp8":
+            keep = keep_fp8 and is_block_linear(key)  # fp8 files quantize the block linears only
+        elif src.kind == "nvfp4":
+            keep = keep_quantized
+        elif src.kind == "gguf":
+            keep = keep_quantized and reader.is_quantized(src.keys[0])
+        else:
+            keep = False
+        layer = key[: -len(".weight")]
+        if keep and isinstance(model.get_submodule(layer), nn.Linear):
+            kept[layer] = src
+    return kept
 
 
 def load_transformer(
@@ -89,29 +156,36 @@ def load_transformer(
     device: str | torch.device = "cpu",
     keep_fp8: bool = False,
     config: Flux2Config | None = None,
+    keep_quantized: bool = True,
 ) -> Flux2Transformer:
     """Load a FLUX.2 transformer from any published layout.
 
     Args:
-        path: a ``.safetensors`` file (BFL, ComfyUI-prefixed, fp8, NVFP4) or a diffusers folder
-            (pipeline root or its ``transformer/``).
+        path: a ``.safetensors`` file (BFL, ComfyUI-prefixed, fp8, NVFP4), a ``.gguf`` file (any mix
+            of F32/F16/BF16/Q8_0/Q6_K/Q5_K/Q5_0/Q5_1/Q4_K/Q4_0/Q4_1/Q3_K/Q2_K/IQ4_NL/IQ4_XS) or a
+            diffusers folder (pipeline root or its ``transformer/``).
         dtype: compute/parameter dtype: bf16, fp16 or fp32 (torch dtype or "bf16"/"fp16"/"fp32").
         device: where the parameters go.
         keep_fp8: keep fp8-stored block Linears as fp8 (``FP8Linear``) instead of dequantizing.
         config: override the detected distilled/KV flags (architecture must still match the file).
+        keep_quantized: keep GGUF- and NVFP4-quantized Linears in their stored bytes (``GGUFLinear``,
+            ``NVFP4Linear``); False dequantizes everything to ``dtype`` at load (a reference).
 
     Returns:
-        The model in eval mode with ``.config`` and ``.checkpoint_format``.
+        The model in eval mode with ``.config``, ``.checkpoint_format`` ("bfl", "comfyui",
+        "diffusers", "bfl-fp8", "comfy-fp8", "nvfp4", "gguf") and ``.quant_summary`` (storage type
+        -> fraction of the parameters, as the file stores them).
 
     Raises:
-        CheckpointError: not a FLUX.2 transformer, damaged file, missing/unexpected keys, wrong shapes.
+        CheckpointError: not a FLUX.2 transformer, damaged file, unsupported quantization,
+            missing/unexpected keys, wrong shapes.
     """
     dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if dtype not in (torch.bfloat16, torch.float16, torch.float32):
         raise ValueError(f"dtype must be bf16, fp16 or fp32, got {dtype}")
     device = torch.device(device)
     path = Path(path)
-    reader = open_checkpoint(path, subfolder="transformer")
+    reader = open_model(path, subfolder="transformer")
     plan = plan_transformer(reader)
     name_hint, is_distilled = _hints(path, reader)
     try:
@@ -133,60 +207,42 @@ def load_transformer(
         detected = config
     with torch.device("meta"):
         model = Flux2Transformer(detected, dtype=dtype)
-    fp8_layers = _keep_fp8(model, plan) if keep_fp8 else set()
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    provided = set(plan.sources)
-    for layer in fp8_layers:
-        provided.add(f"{layer}.weight_scale")
-        if plan.sources[f"{layer}.weight"].input_scale is not None:
-            provided.add(f"{layer}.input_scale")
-    missing = sorted(set(expected) - provided)
-    unexpected = sorted((provided - set(expected)) | set(plan.unexpected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_fmt(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s): {_fmt(unexpected)}")
-        raise CheckpointError(
-            reader.path,
-            f"does not match a FLUX.2 {detected.variant} transformer: " + "; ".join(parts) + ".",
-            "The file is incomplete or not a FLUX.2 transformer.",
-        )
-    bad = [
-        f"{k} {plan.sources[k].shape} (expected {expected[k]})"
-        for k in plan.sources
-        if k in expected and plan.sources[k].shape != expected[k] and k.rpartition(".")[0] not in fp8_layers
-    ]
-    if bad:
-        raise CheckpointError(
-            reader.path,
-            f"has tensors of the wrong shape: {_fmt(bad)}.",
-            "The file is damaged or mixes two models.",
-        )
+    check_tensors(
+        reader.path,
+        f"a FLUX.2 {detected.variant} transformer",
+        {k: tuple(v.shape) for k, v in model.state_dict().items()},
+        plan.shapes,
+        plan.unexpected,
+        "The file is incomplete or not a FLUX.2 transformer.",
+    )
+    kept = _kept_layers(model, plan, reader, keep_fp8, keep_quantized)
+    swap_linears(model, {layer: QUANT_LAYERS[src.kind][0](reader, src) for layer, src in kept.items()})
 
     state: dict[str, torch.Tensor] = {}
-    for key in expected:
-        layer = key.rpartition(".")[0]
-        if layer in fp8_layers:
-            src = plan.sources[f"{layer}.weight"]
-            if key.endswith(".weight"):
-                state[key] = reader.get(src.keys[0]).to(device)
-            elif key.endswith(".weight_scale"):
-                scale = reader.get(src.scale) if src.scale else torch.ones(())
-                state[key] = scale.float().reshape(()).to(device)
-            else:
-                state[key] = reader.get(src.input_scale).float().reshape(()).to(device)
-            continue
-        state[key] = _materialize(reader, plan.sources[key], dtype, device)
-    model.load_state_dict(state, strict=True, assign=True)
+    for layer, src in kept.items():
+        module = model.get_submodule(layer)
+        for name, t in QUANT_LAYERS[src.kind][1](reader, src, module, device).items():
+            state[f"{layer}.{name}"] = t
+    for key, src in plan.sources.items():
+        if key.rpartition(".")[0] not in kept:
+            state[key] = DENSE[src.kind](reader, src, dtype, device)
+    assign_state(model, state, reader.path, f"a FLUX.2 {detected.variant} transformer")
     model.checkpoint_format = plan.checkpoint_format
     model.source_path = reader.path
+    model.quant_summary = quant_summary((s.storage, _numel(s.shape)) for s in plan.sources.values())
     logger.info(
-        "loaded FLUX.2 %s transformer (%s, %s) from %s",
+        "loaded FLUX.2 %s transformer (%s, %s, %d quantized layers kept) from %s",
         detected.variant,
         plan.checkpoint_format,
         dtype,
+        len(kept),
         reader.path,
     )
     return model.eval().requires_grad_(False)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -44,10 +44,11 @@ def user_errors(fn):
 
 
 def model_choices(folder: str) -> list[str]:
-    """Files ComfyUI lists in a model folder, plus diffusers/HF folders (a subfolder holding weights).
+    """Files ComfyUI lists in a model folder, ``.gguf`` files, and diffusers/HF folders.
 
-    A folder entry is any directory (up to two levels below the model folder) that holds
-    ``*.safetensors`` files, e.g. ``FLUX.2-dev/transformer``.
+    ComfyUI's own lists leave ``.gguf`` out (it has no GGUF loader), so they are added here. A folder
+    entry is any directory (up to two levels below the model folder) that holds ``*.safetensors``
+    files, e.g. ``FLUX.2-dev/transformer``.
     """
     names = list(folder_paths.get_filename_list(folder))
     for root in folder_paths.get_folder_paths(folder):
@@ -60,6 +61,11 @@ def model_choices(folder: str) -> list[str]:
                 dirnames[:] = []
             if depth >= 1 and any(f.endswith(".safetensors") for f in filenames):
                 names.append(rel.replace(os.sep, "/") + "/")
+            names += [
+                (f if rel == "." else os.path.join(rel, f)).replace(os.sep, "/")
+                for f in filenames
+                if f.lower().endswith(".gguf")
+            ]
     return sorted(set(names))
 
 

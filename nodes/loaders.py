@@ -20,12 +20,17 @@ COMFY_QWEN_TOKENIZER = Path(comfy.text_encoders.__path__[0]) / "qwen25_tokenizer
 
 
 def _describe_model(model, path: str) -> str:
+    from ..flux2_core.quant import format_quant_summary
+
     cfg = model.config
     size = module_bytes(model) / GIB
     fmt = getattr(model, "checkpoint_format", "?")
+    mix = format_quant_summary(getattr(model, "quant_summary", None) or {})
     return (
         f"FLUX.2 {cfg.variant}: {cfg.depth} double + {cfg.depth_single} single blocks, hidden "
-        f"{cfg.hidden_size}, text width {cfg.context_dim}; format {fmt}; {size:.2f} GiB; file {path}"
+        f"{cfg.hidden_size}, text width {cfg.context_dim}; format {fmt}"
+        + (f" ({mix})" if mix else "")
+        + f"; {size:.2f} GiB in memory; file {path}"
     )
 
 
@@ -41,8 +46,9 @@ class Flux2LocalModelLoader(io.ComfyNode):
                 io.Combo.Input(
                     "model_name",
                     options=model_choices("diffusion_models"),
-                    tooltip="Transformer file (or diffusers folder) in models/diffusion_models or models/unet. "
-                    "The variant is read from the weights; the file name only tells distilled/base/KV apart.",
+                    tooltip="Transformer file (.safetensors, .gguf) or diffusers folder in models/diffusion_models "
+                    "or models/unet. The variant is read from the weights; the file name only tells "
+                    "distilled/base/KV apart. GGUF (Q8_0 ... Q2_K) and NVFP4 weights stay in their stored bytes.",
                 ),
                 io.Combo.Input(
                     "dtype",
@@ -56,7 +62,8 @@ class Flux2LocalModelLoader(io.ComfyNode):
                     tooltip="For FP8 checkpoints: keep the block weights in FP8 (half the memory and half the bytes "
                     "streamed). Cards with FP8 tensor cores (RTX 40xx and newer) run FP8 matmuls where the file has "
                     "activation scales (BFL fp8 files); otherwise "
-                    "dequantise per layer. Off converts the weights to the compute dtype on load.",
+                    "dequantise per layer. Off converts the weights to the compute dtype on load. GGUF and "
+                    "NVFP4 files always keep their stored bytes.",
                 ),
                 io.Float.Input(
                     "vram_budget_gb",
@@ -82,7 +89,9 @@ class Flux2LocalModelLoader(io.ComfyNode):
                     display_name="model", tooltip="The loaded FLUX.2 transformer, for FLUX.2 Sampler."
                 ),
                 io.String.Output(
-                    display_name="info", tooltip="What was detected: variant, checkpoint format, size."
+                    display_name="info",
+                    tooltip="What was detected: variant, checkpoint format with its storage mix "
+                    "(e.g. Q4_K 61%, Q6_K 30%, F32 9%), size in memory.",
                 ),
             ],
         )
@@ -114,7 +123,8 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
                 io.Combo.Input(
                     "text_encoder_name",
                     options=model_choices("text_encoders"),
-                    tooltip="Text-encoder file or Hugging Face text_encoder/ folder in models/text_encoders.",
+                    tooltip="Text-encoder file (.safetensors, or a llama.cpp .gguf of Qwen3 / Mistral Small 3.x) "
+                    "or Hugging Face text_encoder/ folder in models/text_encoders.",
                 ),
                 io.Combo.Input(
                     "tokenizer",

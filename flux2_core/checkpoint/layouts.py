@@ -1,5 +1,7 @@
-"""Checkpoint layouts of the FLUX.2 transformer: prefixes, the diffusers key map (as data), and
-recognising files that are not a FLUX.2 transformer at all.
+"""Checkpoint layouts of the FLUX.2 transformer: the diffusers key map (as data) and the layout tests.
+
+Recognising files that are not a FLUX.2 transformer at all is ``identify.py``'s job (one table for
+every loader); prefixes and block counting are in ``keys.py``.
 
 The diffusers map: each BFL name maps to one diffusers name, or to three names whose tensors are the
 thirds of a fused qkv (dim 0), or to one name whose two halves are swapped (the final layer stores
@@ -12,7 +14,19 @@ import re
 
 import torch
 
-PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+from .keys import TRANSFORMER_PREFIXES as PREFIXES
+from .keys import count_blocks, strip_prefix
+
+__all__ = [
+    "PREFIXES",
+    "SWAPPED",
+    "bfl_to_diffusers",
+    "diffusers_key_map",
+    "is_flux2_bfl",
+    "is_flux2_diffusers",
+    "strip_prefix",
+    "swap_halves",
+]
 
 _TOP = {
     "img_in.weight": "x_embedder.weight",
@@ -53,24 +67,18 @@ _SINGLE = {  # single_blocks.{i}.<bfl> -> single_transformer_blocks.{i}.<diffuse
 Source = str | tuple[str, ...]
 
 
-def _count(keys, prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"(\d+)\.")
-    idx = {int(m.group(1)) for k in keys if (m := pat.match(k))}
-    return max(idx) + 1 if idx else 0
-
-
 def diffusers_key_map(diffusers_keys) -> dict[str, Source]:
     """BFL name -> diffusers source name(s) for every BFL tensor the diffusers keys can provide."""
     keys = set(diffusers_keys)
     out: dict[str, Source] = {b: d for b, d in _TOP.items() if d in keys}
-    for i in range(_count(keys, "transformer_blocks.")):
+    for i in range(count_blocks(keys, "transformer_blocks.")):
         for b, d in _DOUBLE.items():
             out[f"double_blocks.{i}.{b}"] = (
                 tuple(f"transformer_blocks.{i}.{x}" for x in d)
                 if isinstance(d, tuple)
                 else f"transformer_blocks.{i}.{d}"
             )
-    for i in range(_count(keys, "single_transformer_blocks.")):
+    for i in range(count_blocks(keys, "single_transformer_blocks.")):
         for b, d in _SINGLE.items():
             out[f"single_blocks.{i}.{b}"] = f"single_transformer_blocks.{i}.{d}"
     return out
@@ -104,15 +112,6 @@ def bfl_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def strip_prefix(keys) -> tuple[str, list[str]]:
-    """Remove a ComfyUI-style prefix shared by the transformer keys. Returns (prefix, stripped keys)."""
-    keys = list(keys)
-    for p in PREFIXES:
-        if any(k.startswith(p) for k in keys):
-            return p, [k[len(p) :] for k in keys if k.startswith(p)]
-    return "", keys
-
-
 def is_flux2_bfl(keys) -> bool:
     return (
         "double_stream_modulation_img.lin.weight" in keys
@@ -123,66 +122,3 @@ def is_flux2_bfl(keys) -> bool:
 
 def is_flux2_diffusers(keys) -> bool:
     return "x_embedder.weight" in keys and "double_stream_modulation_img.linear.weight" in keys
-
-
-_NOT_FLUX2 = (  # (test on the raw key set, what the file is, fix)
-    (
-        lambda ks: (
-            "double_blocks.0.img_mod.lin.weight" in ks
-            or "vector_in.in_layer.weight" in ks
-            or any(k.endswith("double_blocks.0.img_mod.lin.weight") for k in ks)
-        ),
-        "a FLUX.1 transformer",
-        "FLUX.1 files need ComfyUI's own 'Load Diffusion Model' node.",
-    ),
-    (
-        lambda ks: (
-            "time_text_embed.timestep_embedder.linear_1.weight" in ks
-            or any(k.endswith("norm1.linear.weight") and k.startswith("transformer_blocks.") for k in ks)
-        ),
-        "a FLUX.1 (diffusers) transformer",
-        "FLUX.1 files need ComfyUI's own loaders.",
-    ),
-    (
-        lambda ks: any("input_blocks.0.0.weight" in k or k.startswith("conditioner.embedders.") for k in ks),
-        "a Stable Diffusion / SDXL checkpoint",
-        "Use ComfyUI's 'Load Checkpoint' node for SD/SDXL models.",
-    ),
-    (
-        lambda ks: (
-            "bn.running_mean" in ks
-            or any(k.startswith(("encoder.conv_in.", "decoder.conv_in.", "first_stage_model.")) for k in ks)
-        ),
-        "a VAE",
-        "Load it with the FLUX.2 VAE loader, and pick a flux2-dev / flux-2-klein transformer here.",
-    ),
-    (
-        lambda ks: any(
-            k.startswith(
-                (
-                    "text_encoders.",
-                    "model.layers.",
-                    "model.language_model.",
-                    "language_model.",
-                    "model.embed_tokens.",
-                    "text_model.",
-                    "encoder.block.",
-                    "shared.",
-                    "transformer.resblocks.",
-                )
-            )
-            for k in ks
-        ),
-        "a text encoder",
-        "Load it with the FLUX.2 text-encoder loader; this loader takes the transformer.",
-    ),
-)
-
-
-def describe_non_flux2(keys) -> tuple[str, str] | None:
-    """(what the file is, how to fix) when the keys belong to a known non-FLUX.2 model, else None."""
-    ks = set(keys)
-    for test, what, fix in _NOT_FLUX2:
-        if test(ks):
-            return what, fix
-    return None

@@ -1,8 +1,9 @@
 """Where each BFL tensor of a FLUX.2 transformer comes from in a checkpoint, in any layout.
 
 A ``TransformerPlan`` maps every BFL name to a ``TensorSource`` (one stored tensor, the thirds of a
-diffusers qkv, a swapped final layer, an fp8 weight with its scales, or NVFP4 data), plus the
-detected layout name and the logical (dequantized) shapes used to infer the config.
+diffusers qkv, a swapped final layer, an fp8 weight with its scales, NVFP4 data, or a GGUF tensor),
+plus the detected layout name and the logical (dequantized) shapes used to infer the config.
+The layout is chosen through ``LAYOUTS`` (a table of test -> source builder).
 """
 
 from __future__ import annotations
@@ -14,17 +15,20 @@ import torch
 
 from ..config import is_block_linear
 from ..errors import CheckpointError
-from .layouts import (
-    SWAPPED,
-    describe_non_flux2,
-    diffusers_key_map,
-    is_flux2_bfl,
-    is_flux2_diffusers,
-    strip_prefix,
-)
+from .gguf_file import GGUFFile
+from .identify import FLUX2_TRANSFORMER, identify, wrong_model
+from .keys import strip_prefix
+from .layouts import SWAPPED, diffusers_key_map, is_flux2_diffusers
 from .reader import CheckpointReader
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_STORAGE_NAMES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.float8_e4m3fn: "FP8_E4M3",
+    torch.float8_e5m2: "FP8_E5M2",
+}
 _AUX_SUFFIXES = (
     ".weight_scale_2",
     ".weight_scale",
@@ -41,7 +45,10 @@ class TensorSource:
 
     kind: "plain" (``keys[0]``), "cat" (dim-0 concatenation of ``keys``), "swap" (halves of
     ``keys[0]`` swapped), "fp8" (``keys[0]`` float8, ``scale``/``input_scale`` optional),
-    "nvfp4" (``keys[0]`` packed, ``scale`` block scales, ``scale2`` global scale).
+    "nvfp4" (``keys[0]`` packed, ``scale`` block scales, ``scale2`` global scale, ``input_scale``
+    optional), "gguf" (``keys[0]`` in a GGUF file, any GGML type).
+    shape: the logical (dequantized) shape in PyTorch order.
+    storage: how the file stores it, for summaries: "BF16", "F32", "FP8_E4M3", "NVFP4", "Q4_K", ...
     """
 
     kind: str
@@ -50,6 +57,7 @@ class TensorSource:
     scale: str | None = None
     scale2: str | None = None
     input_scale: str | None = None
+    storage: str = ""
 
 
 @dataclass
@@ -122,6 +130,7 @@ def _bfl_sources(reader: CheckpointReader, prefix: str, keys: list[str]) -> Tran
                 shape,
                 scale=aux(".weight_scale", ".scale_weight"),
                 input_scale=aux(".input_scale", ".scale_input"),
+                storage=_STORAGE_NAMES[dt],
             )
         elif dt == torch.uint8 and (
             fmt == "nvfp4" or (layer is not None and layer + ".weight_scale_2" in key_set)
@@ -134,8 +143,15 @@ def _bfl_sources(reader: CheckpointReader, prefix: str, keys: list[str]) -> Tran
                     f"NVFP4 layer '{layer}' lacks its weight_scale / weight_scale_2.",
                     "Download the file again; it is incomplete.",
                 )
-            aux(".input_scale")  # activation scale of FP4 matmuls: not needed to dequantize
-            sources[k] = TensorSource("nvfp4", (full,), (shape[0], shape[1] * 2), scale=block, scale2=glob)
+            sources[k] = TensorSource(
+                "nvfp4",
+                (full,),
+                (shape[0], shape[1] * 2),
+                scale=block,
+                scale2=glob,
+                input_scale=aux(".input_scale"),  # activation scale of FP4 matmuls
+                storage="NVFP4",
+            )
         elif dt == torch.uint8 or fmt:
             raise CheckpointError(
                 reader.path,
@@ -143,7 +159,7 @@ def _bfl_sources(reader: CheckpointReader, prefix: str, keys: list[str]) -> Tran
                 "Use a bf16, fp8 or NVFP4 FLUX.2 file.",
             )
         else:
-            sources[k] = TensorSource("plain", (full,), shape)
+            sources[k] = TensorSource("plain", (full,), shape, storage=_STORAGE_NAMES.get(dt, str(dt)))
     comfy_style = bool(prefix) or "scaled_fp8" in key_set or any(k.endswith(".comfy_quant") for k in keys)
     if any_nvfp4:
         fmt_name = "nvfp4"
@@ -168,10 +184,15 @@ def _diffusers_sources(reader: CheckpointReader, keys: list[str]) -> Transformer
                     "Download every shard of the diffusers transformer.",
                 )
             shapes = [reader.shape(s) for s in src]
-            sources[bfl] = TensorSource("cat", src, (sum(s[0] for s in shapes), *shapes[0][1:]))
+            storage = _STORAGE_NAMES.get(reader.dtype(src[0]), "")
+            sources[bfl] = TensorSource(
+                "cat", src, (sum(s[0] for s in shapes), *shapes[0][1:]), storage=storage
+            )
             used.update(src)
         elif src in reader:
-            sources[bfl] = TensorSource("swap" if bfl in SWAPPED else "plain", (src,), reader.shape(src))
+            storage = _STORAGE_NAMES.get(reader.dtype(src), "")
+            kind = "swap" if bfl in SWAPPED else "plain"
+            sources[bfl] = TensorSource(kind, (src,), reader.shape(src), storage=storage)
             used.add(src)
         else:
             continue  # reported as a missing key by the loader
@@ -184,30 +205,44 @@ def _diffusers_sources(reader: CheckpointReader, keys: list[str]) -> Transformer
     return TransformerPlan(sources, "diffusers", sorted(set(keys) - used))
 
 
-def plan_transformer(reader: CheckpointReader) -> TransformerPlan:
+def _gguf_sources(reader: GGUFFile, prefix: str, keys: list[str]) -> TransformerPlan:
+    """A GGUF of BFL-named tensors (as the FLUX converters write them): one source per tensor."""
+    sources: dict[str, TensorSource] = {}
+    for k in keys:
+        full = prefix + k
+        reader.ggml(full)  # an unsupported type fails here, naming the type, the tensor and the file
+        sources[k] = TensorSource("gguf", (full,), reader.shape(full), storage=reader.storage(full))
+    return TransformerPlan(sources, "gguf")
+
+
+# (layout test on (reader, stripped keys), source builder). First match wins.
+LAYOUTS = (
+    (lambda r, ks: isinstance(r, GGUFFile), lambda r, p, ks: _gguf_sources(r, p, ks)),
+    (lambda r, ks: is_flux2_diffusers(set(ks)), lambda r, p, ks: _diffusers_sources(r, ks)),
+    (lambda r, ks: True, lambda r, p, ks: _bfl_sources(r, p, ks)),
+)
+
+_PICK = "Pick a FLUX.2 [dev] or [klein] transformer file (flux2-dev*, flux-2-klein-*, .safetensors or .gguf)."
+
+
+def plan_transformer(reader: CheckpointReader | GGUFFile) -> TransformerPlan:
     """Recognise the layout of ``reader`` and map every BFL tensor name to its source.
 
     Raises:
         CheckpointError: the checkpoint is not a FLUX.2 transformer (naming what it is, when known).
     """
     raw = reader.keys()
-    prefix, keys = strip_prefix(raw)
-    if is_flux2_bfl(set(keys)):
-        plan = _bfl_sources(reader, prefix, keys)
-    elif is_flux2_diffusers(set(keys)):
-        plan = _diffusers_sources(reader, keys)
-    else:
-        known = describe_non_flux2(raw)
-        if known is not None:
-            what, fix = known
-            raise CheckpointError(reader.path, f"is {what}, not a FLUX.2 transformer.", fix)
-        raise CheckpointError(
-            reader.path,
-            "is not a FLUX.2 transformer (no 'double_stream_modulation_img.lin.weight' or diffusers "
-            f"'x_embedder.weight' key; first keys: {sorted(raw)[:5]}).",
-            "Pick a FLUX.2 [dev] or [klein] transformer file (flux2-dev*.safetensors, flux-2-klein-*.safetensors).",
+    arch = reader.architecture if isinstance(reader, GGUFFile) else None
+    kind = identify(raw, reader.shape, arch)
+    if kind is None or kind.key != FLUX2_TRANSFORMER:
+        hint = (
+            "no 'double_stream_modulation_img.lin.weight' or diffusers 'x_embedder.weight' key; "
+            f"first keys: {sorted(raw)[:5]}" + (f"; GGUF architecture '{arch}'" if arch else "")
         )
-    return plan
+        raise wrong_model(reader.path, kind, "a FLUX.2 transformer", _PICK, hint)
+    prefix, keys = strip_prefix(raw)
+    build = next(b for test, b in LAYOUTS if test(reader, keys))
+    return build(reader, prefix, keys)
 
 
 def fp8_block_layers(plan: TransformerPlan) -> dict[str, bool]:

@@ -56,17 +56,40 @@ def quantize_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def dequantize_nvfp4(
-    q: torch.Tensor, block_scale: torch.Tensor, global_scale: torch.Tensor, dtype: torch.dtype
+    q: torch.Tensor,
+    block_scale: torch.Tensor,
+    global_scale: torch.Tensor,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dequantize packed NVFP4 (R, C/2) uint8 to (R, C) ``dtype`` (fp32 math, rounded once)."""
+    """Dequantize packed NVFP4 (R, C/2) uint8 to (R, C) ``dtype`` (fp32 math, rounded once).
+
+    Args:
+        q: packed codes, high nibble first.
+        block_scale: e4m3 scales in the tiled layout of ``swizzle_block_scales``.
+        global_scale: scalar fp32 scale.
+        dtype: output dtype.
+        out: optional preallocated (R, C) output of ``dtype``.
+    """
     R, C = q.shape[0], q.shape[1] * 2
-    lut = _E2M1.to(q.device)
-    out = torch.empty((R, C), dtype=dtype, device=q.device)
+    lut = _lut(q.device)
+    if out is None:
+        out = torch.empty((R, C), dtype=dtype, device=q.device)
     scales = unswizzle_block_scales(block_scale, R, C // BLOCK).float() * global_scale.float().to(q.device)
     step = max(1, (8 * 1024 * 1024) // C)  # row chunks bound the fp32 temporaries
     for i in range(0, R, step):
         b = q[i : i + step]
         codes = torch.stack((b >> 4, b & 0x0F), dim=-1).flatten(-2).long()  # (r, C), high nibble first
         vals = lut[codes].view(b.shape[0], C // BLOCK, BLOCK) * scales[i : i + step, :, None]
-        out[i : i + step] = vals.view(b.shape[0], C)
+        out[i : i + step].copy_(vals.view(b.shape[0], C))
     return out
+
+
+_LUTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    """The e2m1 code book on ``device``, copied there once (not on every dequantization)."""
+    if device not in _LUTS:
+        _LUTS[device] = _E2M1.to(device)
+    return _LUTS[device]

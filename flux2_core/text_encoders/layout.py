@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.identify import FLUX2_TEXT_ENCODER, identify, wrong_model
+from ..checkpoint.keys import count_blocks
 from ..errors import CheckpointError
 from .spec import DECODER_PRESETS, MISTRAL3, QWEN3, DecoderShape
 
@@ -110,35 +111,22 @@ class TextEncoderLayout:
         return None
 
 
-def _diagnose_wrong_file(path: str, keys: list[str]) -> CheckpointError:
-    joined = "\n".join(keys[:2000])
-
-    def has(pattern: str) -> bool:
-        return re.search(pattern, joined, re.MULTILINE) is not None
-
-    if has(r"(^|\.)(double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+\.") or has(
-        r"^model\.diffusion_model\."
-    ):
-        what = "a diffusion transformer (e.g. a FLUX.2 model file), not a text encoder"
-    elif has(r"^(decoder\.conv_in|encoder\.conv_in|bn\.running_mean|decoder\.up)"):
-        what = "a VAE, not a text encoder"
-    elif has(r"^(text_model\.encoder|encoder\.block\.\d+\.layer)"):
-        what = "a CLIP or T5 text encoder (FLUX.1 and older); FLUX.2 needs Mistral Small 3.x or Qwen3"
-    else:
-        what = "not a Mistral Small 3.x or Qwen3 language model (no 'layers.0.self_attn.k_proj.weight' found)"
-    return CheckpointError(path, f"is {what}.", _TE_FIX)
+def _diagnose_wrong_file(path: str, keys: list[str], shape=None) -> CheckpointError:
+    """What the file is instead (the shared ``identify`` table), as a wrong-file error."""
+    kind = identify(keys, shape)
+    if kind is not None and kind.key == FLUX2_TEXT_ENCODER:
+        kind = None  # a language model, but not one this loader recognised
+    return wrong_model(
+        path,
+        kind,
+        "a Mistral Small 3.x or Qwen3 text encoder",
+        _TE_FIX,
+        "no 'layers.0.self_attn.k_proj.weight' found",
+    )
 
 
 def _layer_count(keys: list[str], prefix: str) -> int:
-    pat = re.compile(re.escape(prefix) + r"layers\.(\d+)\.")
-    found = {int(m.group(1)) for k in keys if (m := pat.match(k))}
-    if not found:
-        return 0
-    n = max(found) + 1
-    if len(found) != n:
-        missing = sorted(set(range(n)) - found)[:5]
-        raise ValueError(f"decoder layers {missing} are missing")
-    return n
+    return count_blocks(keys, prefix + "layers.", require_contiguous=True)
 
 
 def _read_hf_config(path: str) -> dict:
@@ -191,7 +179,7 @@ def detect_layout(reader, path: str | os.PathLike) -> TextEncoderLayout:
     keyset = set(keys)
     found = next((c for c in _CANDIDATES if f"{c[0]}layers.0.self_attn.k_proj.weight" in keyset), None)
     if found is None:
-        raise _diagnose_wrong_file(path, keys)
+        raise _diagnose_wrong_file(path, keys, reader.shape)
     dec, rules, name = found
 
     hf_cfg = _read_hf_config(path)

@@ -1,9 +1,11 @@
 """Build a ``Flux2TextEncoder`` from any published text-encoder layout, never touching a hub.
 
 The transformers model is built on the meta device from a config inferred from the checkpoint
-(``layout.detect_layout``), trimmed to the layers FLUX.2 reads, and its parameters are assigned
-straight from the safetensors tensors (zero-copy when the stored dtype is the requested one).
-FP8-stored decoder Linears stay FP8 (``Fp8Linear``) and are dequantized per layer when they run.
+(``layout.detect_layout``, or ``gguf.detect_gguf_layout`` for llama.cpp GGUFs), trimmed to the
+layers FLUX.2 reads, and its parameters are assigned straight from the file's tensors (zero-copy
+when the stored dtype is the requested one). Quantized decoder Linears stay in their stored bytes
+(``FP8Linear`` for FP8 files, ``GGUFLinear`` for GGUF types) and are dequantized per layer when
+they run; the token embedding and norms are converted to the compute dtype.
 """
 
 from __future__ import annotations
@@ -15,11 +17,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..checkpoint import open_checkpoint
+from ..checkpoint.assign import check_tensors
+from ..checkpoint.containers import open_model
+from ..checkpoint.gguf_file import GGUFFile
 from ..errors import CheckpointError
+from ..quant.linear import QuantLinear
+from ..quant.summary import quant_summary
+from ..quant.swap import swap_linears
 from .cache import EMBEDDING_CACHE, file_identity
 from .encoder import Flux2TextEncoder
-from .fp8 import Fp8Linear, swap_fp8_linears
+from .fp8 import layer_format
+from .gguf import GGUFTextReader, detect_gguf_layout, gguf_prompt_tokenizer
 from .layout import TextEncoderLayout, detect_layout
 from .spec import MISTRAL3, TextEncoderSpec
 from .tokenizer import load_prompt_tokenizer
@@ -70,43 +78,45 @@ def _name_map(reader, layout: TextEncoderLayout) -> dict[str, str]:
     return out
 
 
+def _dense(reader, names: dict[str, str], owner: str, key: str, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor outside the kept-quantized layers, in ``dtype`` (dequantized once if stored quantized)."""
+    if isinstance(reader, GGUFTextReader):
+        return reader.dequantize(key, dtype)
+    t = reader.get(key)
+    if t.dtype in _FP8:  # an fp8 tensor outside a kept Linear: dequantize now with its scale
+        scale_key = names.get(owner + ".weight_scale")
+        scale = reader.get(scale_key).to(torch.float32) if scale_key else 1.0
+        return (t.to(torch.float32) * scale).to(dtype)
+    return t.to(dtype)
+
+
 def _assign(
     module: nn.Module, prefix: str, names: dict[str, str], reader, dtype: torch.dtype, path: str
 ) -> None:
     """Assign the file's tensors to every parameter/persistent buffer of ``module`` (strict)."""
-    fp8_modules = {n for n, m in module.named_modules() if isinstance(m, Fp8Linear)}
+    quant = {n: m for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    wanted = module.state_dict(keep_vars=True)
     state = {}
-    missing = []
-    expected = list(module.state_dict(keep_vars=True).keys())
-    for local in expected:
+    for local, param in wanted.items():
         key = names.get(prefix + local)
         if key is None:
-            missing.append(prefix + local)
-            continue
-        t = reader.get(key)
-        owner = local.rsplit(".", 1)[0]
-        if owner in fp8_modules:
-            state[local] = t if local.endswith(".weight") else t.to(torch.float32).reshape(())
-        elif t.dtype in _FP8:  # an fp8 tensor outside a Linear: dequantize now with its scale
-            scale_key = names.get(prefix + owner + ".weight_scale")
-            scale = reader.get(scale_key).to(torch.float32) if scale_key else 1.0
-            state[local] = (t.to(torch.float32) * scale).to(dtype)
+            continue  # reported as missing below
+        owner, _, pname = local.rpartition(".")
+        if owner in quant:  # stored bytes as they are; fp32 scales shaped like the layer's
+            t = reader.get(key)
+            state[local] = t if pname == "weight" else t.to(torch.float32).reshape(param.shape)
         else:
-            state[local] = t.to(dtype)
-    if missing:
-        raise CheckpointError(
-            path,
-            f"is missing {len(missing)} tensor(s) the model needs, e.g. {sorted(missing)[:8]}.",
-            "Download the complete text-encoder file(s).",
-        )
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise CheckpointError(
-            path,
-            f"has tensors whose shapes do not fit the inferred model: {e}",
-            "The file is damaged or not a Mistral Small 3.x / Qwen3 text encoder.",
-        ) from None
+            state[local] = _dense(reader, names, prefix + owner, key, dtype)
+    expected = {k: tuple(v.shape) for k, v in wanted.items()}
+    check_tensors(
+        path,
+        "the inferred text-encoder model",
+        expected,
+        {k: tuple(v.shape) for k, v in state.items()},
+        fix="Download the complete text-encoder file(s); it is damaged or not a Mistral Small 3.x / Qwen3 "
+        "text encoder.",
+    )
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 def _fresh_rotary(model: nn.Module, device: torch.device | str) -> None:
@@ -134,7 +144,9 @@ def load_text_encoder(
     Args:
         path: a single ``.safetensors`` file (ComfyUI ``mistral_3_small_flux2_*``, ``qwen_3_4b``,
             ``qwen_3_8b*``, fp8 variants, the pruned 30-layer Mistral, or a checkpoint bundling
-            ``text_encoders.*``), a transformers ``text_encoder/`` folder, or a diffusers pipeline folder.
+            ``text_encoders.*``), a llama.cpp ``.gguf`` (Qwen3 as "qwen3", Mistral Small 3.x as "llama"
+            or "mistral3"; its tokenizer is rebuilt from the file's ``tokenizer.ggml.*`` fields), a
+            transformers ``text_encoder/`` folder, or a diffusers pipeline folder.
         tokenizer: optional tokenizer file or folder; by default it is found next to the model (or, for
             ComfyUI's Mistral files, read from the embedded ``tekken_model`` tensor).
         dtype: compute dtype (FP8-stored Linear weights stay FP8 and are dequantized to it per layer).
@@ -147,13 +159,18 @@ def load_text_encoder(
         A ``Flux2TextEncoder`` holding only the decoder layers FLUX.2 reads (30 or 27).
 
     Raises:
-        CheckpointError: not a FLUX.2 text encoder, incomplete, or no tokenizer found.
+        CheckpointError: not a FLUX.2 text encoder, incomplete, unsupported quantization, or no
+            tokenizer found (a GGUF without tokenizer fields, unless ``tokenizer`` is given).
     """
     from transformers import MistralModel, Qwen3Model
 
-    reader = open_checkpoint(path, subfolder="text_encoder")
+    reader = open_model(path, subfolder="text_encoder")
     root = reader.path
-    layout = detect_layout(reader, root)
+    if isinstance(reader, GGUFFile):
+        reader = GGUFTextReader(reader)
+        layout = detect_gguf_layout(reader)
+    else:
+        layout = detect_layout(reader, root)
     spec = TextEncoderSpec.for_kind(layout.kind)
     n_file = layout.shape.num_hidden_layers
     if n_file < spec.layers_needed:
@@ -162,28 +179,33 @@ def load_text_encoder(
             f"has {n_file} decoder layers; FLUX.2 reads layer {spec.layers_needed}.",
             "Use the complete text-encoder file.",
         )
-    prompt_tok = load_prompt_tokenizer(
-        layout.kind,
-        root,
-        tokenizer,
-        tekken_bytes=_tekken_bytes(reader, layout),
-        fallback_dirs=fallback_tokenizers,
-    )
+    if isinstance(reader, GGUFTextReader) and tokenizer is None:
+        # A GGUF carries its own tokenizer: rebuilt from its fields, never guessed from elsewhere.
+        prompt_tok = gguf_prompt_tokenizer(reader.file, layout.kind)
+    else:
+        prompt_tok = load_prompt_tokenizer(
+            layout.kind,
+            root,
+            tokenizer,
+            tekken_bytes=_tekken_bytes(reader, layout),
+            fallback_dirs=fallback_tokenizers,
+        )
     names = _name_map(reader, layout)
 
     cfg = _text_config(layout, n_file)
     with torch.device("meta"):
         model = (MistralModel if layout.kind == MISTRAL3 else Qwen3Model)(cfg)
     model.eval().requires_grad_(False)
-    # Linears stored as float8 (all of them in ComfyUI's fp8 files, some in "mixed" ones) stay float8.
-    swap_fp8_linears(
-        model.layers,
-        lambda name: (
-            reader.dtype(names[f"model.layers.{name}.weight"])
-            if f"model.layers.{name}.weight" in names
-            else None
-        ),
-    )
+    # Decoder Linears stored quantized (all of them in ComfyUI's fp8 files, some in "mixed" ones,
+    # every quantized one in a GGUF) stay in their stored bytes.
+    formats = {}
+    for name, module in model.layers.named_modules():
+        key = names.get(f"model.layers.{name}.weight")
+        if type(module) is nn.Linear and module.bias is None and key is not None:
+            fmt = layer_format(reader, key, names.get(f"model.layers.{name}.weight_scale"))
+            if fmt is not None:
+                formats[name] = fmt
+    swap_linears(model.layers, formats)
     # The final norm only matters for generation; ComfyUI's pruned [dev] file has no use for (or copy of) it.
     has_final_norm = "model.norm.weight" in names
     if not has_final_norm:
@@ -196,6 +218,8 @@ def load_text_encoder(
     files = [f.path for f in reader.files]
     encoder = Flux2TextEncoder(spec, model, prompt_tok, identity=file_identity(files), cache=cache)
     encoder.checkpoint_layout, encoder.quant = layout.name, layout.quant
+    encoder.checkpoint_format = "gguf" if isinstance(reader, GGUFTextReader) else layout.name
+    encoder.quant_summary = _summary(reader, names)
     encoder.to(device)
     encoder._complete_for_generation = _make_completer(
         reader, layout, names, later, dtype, root, has_final_norm
@@ -211,6 +235,31 @@ def load_text_encoder(
         encoder.context_dim,
     )
     return encoder
+
+
+def _summary(reader, names: dict[str, str]) -> dict[str, float]:
+    """Storage type -> fraction of the encoder's parameters, as the file stores them."""
+    dtype_names = {
+        torch.bfloat16: "BF16",
+        torch.float16: "F16",
+        torch.float32: "F32",
+        torch.float8_e4m3fn: "FP8_E4M3",
+        torch.float8_e5m2: "FP8_E5M2",
+    }
+    entries = []
+    for ours, key in names.items():
+        if ours.endswith((".weight_scale", ".tekken_model")) or ours == "tekken_model":
+            continue
+        shape = reader.shape(key)
+        n = 1
+        for s in shape:
+            n *= s
+        storage = (
+            reader.storage(key) if isinstance(reader, GGUFTextReader) else dtype_names.get(reader.dtype(key))
+        )
+        if storage is not None:
+            entries.append((storage, n))
+    return quant_summary(entries)
 
 
 class EncoderWeightSource:

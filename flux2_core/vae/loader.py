@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 
 import torch
 
 from ..checkpoint import open_checkpoint
+from ..checkpoint.assign import check_tensors
+from ..checkpoint.identify import FLUX2_VAE, identify, wrong_model
+from ..checkpoint.keys import count_blocks
 from ..errors import CheckpointError
 from .config import Flux2VAEConfig
 from .keymap import IGNORED_SUFFIXES, bfl_to_diffusers_key, is_attention_projection, strip_prefix
@@ -25,34 +27,16 @@ _FIX_PICK_VAE = (
 
 def _refuse_foreign(path: str, keys: list[str], get_shape) -> None:
     """Raise a CheckpointError that names what the file is when it is not a FLUX.2 VAE."""
-    ks = set(keys)
-    if any(
-        k.endswith(("img_in.weight", "x_embedder.weight", "double_stream_modulation_img.lin.weight"))
-        or k.startswith("model.diffusion_model.")
-        for k in ks
-    ):
-        raise CheckpointError(path, "is a diffusion transformer, not a VAE.", _FIX_PICK_VAE)
-    if any(".layers.0." in k and ("self_attn" in k or "mlp" in k) for k in ks):
-        raise CheckpointError(path, "is a text encoder, not a VAE.", _FIX_PICK_VAE)
-    z = get_shape("decoder.conv_in.weight")[1] if "decoder.conv_in.weight" in ks else None
-    if z is not None and "bn.running_mean" not in ks:
-        kind = {
-            16: "a FLUX.1 / SD3-style VAE (16 latent channels)",
-            4: "an SD 1.x / SDXL VAE (4 latent channels)",
-        }.get(z, f"a VAE with {z} latent channels")
-        raise CheckpointError(
-            path, f"is {kind}, not the FLUX.2 VAE (32 channels + latent batch-norm).", _FIX_PICK_VAE
-        )
-    if z is None or "bn.running_mean" not in ks:
-        raise CheckpointError(
-            path, "is not a FLUX.2 VAE (no 'decoder.conv_in.weight' / 'bn.running_mean').", _FIX_PICK_VAE
-        )
-
-
-def _count(keys: list[str], pattern: str) -> int:
-    rx = re.compile(pattern)
-    found = {int(m.group(1)) for k in keys if (m := rx.match(k))}
-    return max(found) + 1 if found else 0
+    kind = identify(keys, get_shape)
+    if kind is not None and kind.key == FLUX2_VAE:
+        return
+    raise wrong_model(
+        path,
+        kind,
+        "the FLUX.2 VAE (32 channels + latent batch-norm)",
+        _FIX_PICK_VAE,
+        "no 'decoder.conv_in.weight' / 'bn.running_mean'",
+    )
 
 
 def infer_config(shape_of, keys: list[str], path: str) -> Flux2VAEConfig:
@@ -65,12 +49,12 @@ def infer_config(shape_of, keys: list[str], path: str) -> Flux2VAEConfig:
     """
     try:
         ch = shape_of("encoder.conv_in.weight")[0]
-        levels = _count(keys, r"^encoder\.down\.(\d+)\.")
-        res = _count(keys, r"^encoder\.down\.0\.block\.(\d+)\.")
+        levels = count_blocks(keys, "encoder.down.")
+        res = count_blocks(keys, "encoder.down.0.block.")
         enc = [shape_of(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
         dec = [shape_of(f"decoder.up.{i}.block.0.conv1.weight")[0] for i in range(levels)]
         z = shape_of("decoder.conv_in.weight")[1]
-        dec_res = _count(keys, r"^decoder\.up\.0\.block\.(\d+)\.")
+        dec_res = count_blocks(keys, "decoder.up.0.block.")
     except KeyError as e:
         raise CheckpointError(
             path,
@@ -133,7 +117,7 @@ def load_vae(
 
     # Our (BFL) name -> key in the file.
     if is_diffusers:
-        levels = _count(keys, r"^encoder\.down_blocks\.(\d+)\.")
+        levels = count_blocks(keys, "encoder.down_blocks.")
         bfl_names = _diffusers_to_bfl_names(inner, levels, where)
     else:
         bfl_names = {k: prefix + k for k in inner}
@@ -143,27 +127,32 @@ def load_vae(
     cfg = infer_config(lambda k: reader.shape(bfl_names[k]), list(bfl_names), where)
     with torch.device("meta"):
         model = Flux2VAE(cfg)
-    expected = set(model.state_dict().keys())
-    missing, unexpected = sorted(expected - set(bfl_names)), sorted(set(bfl_names) - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            where,
-            f"does not match the FLUX.2 VAE layout: missing {missing[:8]}, unexpected {unexpected[:8]}.",
-            _FIX_PICK_VAE,
-        )
+    own_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def provided_shape(name: str) -> tuple[int, ...]:
+        shape = tuple(reader.shape(bfl_names[name]))
+        # diffusers stores the attention projections as Linear (C, C); ours are 1x1 convs (C, C, 1, 1)
+        if (
+            name in own_shapes
+            and is_attention_projection(name)
+            and math.prod(shape) == math.prod(own_shapes[name])
+        ):
+            return own_shapes[name]
+        return shape
+
+    check_tensors(
+        where,
+        "the FLUX.2 VAE layout",
+        own_shapes,
+        {name: provided_shape(name) for name in bfl_names},
+        fix=_FIX_PICK_VAE,
+    )
 
     state: dict[str, torch.Tensor] = {}
-    own_shapes = {k: v.shape for k, v in model.state_dict().items()}
     for name, file_key in bfl_names.items():
         t = reader.get(file_key)
-        if t.shape != own_shapes[name] and is_attention_projection(name):
+        if tuple(t.shape) != own_shapes[name]:
             t = t.reshape(own_shapes[name])  # diffusers Linear (C, C) -> 1x1 conv (C, C, 1, 1)
-        if t.shape != own_shapes[name]:
-            raise CheckpointError(
-                where,
-                f"tensor {file_key!r} has shape {tuple(t.shape)}, expected {tuple(own_shapes[name])}.",
-                _FIX_PICK_VAE,
-            )
         target = torch.float32 if name.startswith("bn.") else dtype
         state[name] = t.to(device=device, dtype=target)
     model.load_state_dict(state, strict=True, assign=True)
@@ -176,7 +165,7 @@ def load_vae(
 def _diffusers_to_bfl_names(keys: list[str], levels: int, where: str) -> dict[str, str]:
     """Map every BFL name of a model with ``levels`` levels to the diffusers key present in ``keys``."""
     # Build the inverse map from a meta model whose structure we take from the file's block counts.
-    res = _count(keys, r"^encoder\.down_blocks\.0\.resnets\.(\d+)\.")
+    res = count_blocks(keys, "encoder.down_blocks.0.resnets.")
     ch_mult = tuple(range(1, levels + 1))  # placeholder widths: only the key names matter here
     cfg = Flux2VAEConfig(ch=32, ch_mult=ch_mult, num_res_blocks=max(res, 1))
     with torch.device("meta"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -111,3 +112,21 @@ def write_reference_images(input_dir: Path) -> list[str]:
         Image.fromarray(img.astype(np.uint8)).save(input_dir / name)
         names.append(name)
     return names
+
+
+def comfyui_gguf_path() -> Path:
+    """city96's ComfyUI-GGUF tree ($COMFYUI_GGUF_PATH, default $HOME/ComfyUI-GGUF); it may be missing."""
+    return Path(os.environ.get("COMFYUI_GGUF_PATH") or Path.home() / "ComfyUI-GGUF")
+
+
+def comfyui_gguf_missing() -> str | None:
+    """Why the ComfyUI-GGUF anchor cannot run (how to fetch it), or None when it is there."""
+    path = comfyui_gguf_path()
+    if (path / "nodes.py").is_file() and (path / "loader.py").is_file():
+        return None
+    return (
+        f"no ComfyUI-GGUF tree at COMFYUI_GGUF_PATH={path}. The GGUF anchor test loads the same GGUF "
+        "through city96's ComfyUI-GGUF in the real ComfyUI: fetch github:city96/ComfyUI-GGUF (commit "
+        "795e451) into $HOME/ComfyUI-GGUF the way the ComfyUI tree is fetched (DEVELOPERS.md, "
+        "'Set-up'), or point COMFYUI_GGUF_PATH at a checkout."
+    )

@@ -4,6 +4,8 @@ The pinned tree at $COMFYUI_PATH runs headless on CPU on 127.0.0.1 with a tempor
 --base-directory; this pack is linked into its custom_nodes under an arbitrary folder name (so only
 relative imports work) and a tiny random FLUX.2 set is written into its models folders under the
 official file names. Without a ComfyUI tree the tests FAIL, saying how to get one.
+city96's ComfyUI-GGUF (the GGUF anchor) is linked into custom_nodes too when present; the anchor
+test FAILS, saying how to fetch it, when it is not.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 # Not packages: the server harness lives in workflows/ (the main job uses it too), helpers here.
 sys.path[:0] = [str(HERE), str(HERE.parents[1] / "workflows")]
 
-from comfy_helpers import write_reference_images  # noqa: E402
+from comfy_helpers import comfyui_gguf_missing, comfyui_gguf_path, write_reference_images  # noqa: E402
 from comfy_server import ComfyServer, ComfyUIMissing, comfyui_path, make_base_directory  # noqa: E402
 
 
@@ -34,6 +36,8 @@ def comfy(tmp_path_factory) -> ComfyServer:
     (base / "custom_nodes" / "flux2local_test_bridge").symlink_to(
         HERE / "bridge_pack", target_is_directory=True
     )
+    if comfyui_gguf_missing() is None:
+        (base / "custom_nodes" / "ComfyUI-GGUF").symlink_to(comfyui_gguf_path(), target_is_directory=True)
     write_tiny_model_set(models)
     write_reference_images(base / "input")
     server = ComfyServer(base).start()

@@ -50,7 +50,7 @@ def test_lossless_layouts(tiny_files, variant, layout):
 @pytest.mark.parametrize("variant", ["dev", "klein-9b-kv"])
 @pytest.mark.parametrize("layout", ["bfl-fp8", "comfy-fp8", "comfy-scaled-fp8", "nvfp4"])
 def test_quantized_layouts_dequantize(tiny_files, variant, layout):
-    model = load_transformer(tiny_files(variant, layout), dtype=torch.float32)
+    model = load_transformer(tiny_files(variant, layout), dtype=torch.float32, keep_quantized=False)
     assert model.checkpoint_format == FORMATS[layout]
     assert model.config.kv_refs == FLAGS[variant][2]
     sd, exp = model.state_dict(), _expected(variant)
@@ -136,3 +136,28 @@ def test_gpu_load_and_bf16_forward(tiny_files, layout):
         want = ref(**x)
         got = model(**{k: None if v is None else v.cuda() for k, v in x.items()}).float().cpu()
     assert (got - want).norm() / want.norm() < 0.05
+
+
+def test_per_row_fp8_scales_load_as_per_row_layers(tmp_path, tiny_files):
+    from safetensors.torch import load_file, save_file
+
+    from flux2_core.quant import quantize_fp8
+
+    sd = load_file(str(tiny_files("klein-4b", "bfl-fp8")))
+    exp = _expected("klein-4b")
+    layer = "double_blocks.0.img_mlp.0"
+    q, s = quantize_fp8(exp[f"{layer}.weight"], per_row=True)  # (out, 1) scales, as per-row fp8 files store
+    sd[f"{layer}.weight"], sd[f"{layer}.weight_scale"] = q, s.reshape(-1)
+    path = tmp_path / "flux-2-klein-4b-fp8-rows.safetensors"
+    save_file(sd, str(path))
+    kept = load_transformer(path, dtype=torch.float32, keep_fp8=True)
+    m = kept.get_submodule(layer)
+    assert (
+        isinstance(m, FP8Linear) and m.storage == "FP8_E4M3_ROW" and m.weight_scale.shape == (q.shape[0], 1)
+    )
+    assert torch.equal(m.dequantized(torch.float32), q.float() * s)
+    dense = load_transformer(path, dtype=torch.float32)
+    assert torch.equal(dense.get_parameter(f"{layer}.weight"), q.float() * s)
+    x = make_inputs(kept.config)
+    with torch.no_grad():
+        torch.testing.assert_close(kept(**x), dense(**x), rtol=1e-5, atol=1e-5)

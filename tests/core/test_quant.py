@@ -56,8 +56,45 @@ def test_fp8_linear_fallback_matches_dequantized():
 def test_fp8_linear_scaled_mm_on_gpu():
     lin = FP8Linear(256, 128).cuda()
     q, s = quantize_fp8(torch.randn(128, 256))
-    lin.weight.data, lin.weight_scale = q.cuda(), s.cuda()
-    lin.input_scale = torch.tensor(0.02, device="cuda")
+    lin.weight.data, lin.weight_scale.data = q.cuda(), s.cuda()
+    lin.input_scale.data = torch.tensor(0.02, device="cuda")
     x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
     ref = x.float() @ (q.cuda().float() * s.cuda()).t()
     assert (lin(x).float() - ref).norm() / ref.norm() < 0.08
+
+
+def test_fp8_per_row_dequantizes_in_fp32_and_rounds_once():
+    w = torch.randn(40, 64) * torch.logspace(-3, 1, 40)[:, None]  # rows of very different size
+    q, s = quantize_fp8(w, per_row=True)
+    assert s.shape == (40, 1)
+    lin = FP8Linear(64, 40, has_input_scale=False, per_row=True)
+    lin.weight.data, lin.weight_scale.data = q, s
+    exact = q.float() * s
+    assert torch.equal(lin.dequantized(torch.float32), exact)
+    assert torch.equal(lin.dequantized(torch.bfloat16), exact.to(torch.bfloat16))  # one rounding
+    assert (exact - w).norm() / w.norm() < 0.05
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(lin(x), x @ exact.t())
+    assert lin.storage == "FP8_E4M3_ROW" and lin.input_scale is None
+
+
+def test_text_encoder_fp8_layer_is_the_shared_class():
+    from flux2_core.text_encoders.fp8 import Fp8Linear
+
+    assert Fp8Linear is FP8Linear
+
+
+def test_nvfp4_linear_keeps_packed_bytes_and_matches_the_dequantized_weight():
+    from flux2_core.quant import NVFP4Linear
+
+    w = torch.randn(256, 512)
+    q, block, glob = quantize_nvfp4(w)
+    lin = NVFP4Linear(512, 256)
+    lin.weight.data, lin.weight_scale.data, lin.weight_scale_2.data = q, block, glob
+    assert lin.weight.dtype == torch.uint8 and lin.weight.shape == (256, 256)
+    assert lin.weight_scale.dtype == torch.float8_e4m3fn
+    bits = 8 * lin.stored_bytes() / w.numel()
+    assert bits == pytest.approx(4.5, abs=0.01)  # e2m1 pairs + one e4m3 scale per 16 values (+ 4 bytes)
+    ref = dequantize_nvfp4(q, block, glob, torch.float32)
+    x = torch.randn(3, 512)
+    assert torch.equal(lin(x), x @ ref.t())

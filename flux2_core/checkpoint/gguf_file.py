@@ -1,0 +1,257 @@
+"""Read-only, memory-mapped access to one ``.gguf`` file (the llama.cpp / ComfyUI-GGUF container).
+
+GGUF: a header of typed key/value fields (``general.architecture``, ``tokenizer.ggml.*``, ...),
+then tensor infos (name, dims in ggml order = innermost first, GGML type, offset), then aligned
+tensor data. The ``gguf`` package's ``GGUFReader`` parses it and maps the file; tensors handed
+out here are views of that one mapping (copy-on-write: writing into one never reaches the file),
+so the weights are never held twice in RAM.
+
+Shapes are given in PyTorch order (ggml dims reversed). Quantized tensors come back as their
+stored bytes, (rows, bytes per row) uint8; F32/F16/BF16 tensors as ordinary typed tensors.
+The interface mirrors ``SafetensorsFile`` (``keys``, ``shape``, ``dtype``, ``nbytes``, ``get``,
+``read_into``) plus ``storage(key)`` (the GGML type name) and ``dequantize(key, dtype)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CheckpointError
+from ..quant.ggml import GGML_BY_ID, GGMLType, dequantize_ggml
+
+logger = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+_PLAIN_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+_FIX_DOWNLOAD = "Download the file again; it is truncated or damaged (an interrupted download?)."
+
+
+def _reader_class():
+    """``gguf.GGUFReader`` holding its mapping as a plain ndarray view of the same pages.
+
+    The reader slices its mapping once per metadata value; slices of an ``np.memmap`` are memmap
+    objects whose bookkeeping makes parsing a 150k-token vocabulary about 3x slower. A plain view
+    of the mapping has no such cost and still maps (never copies) the file.
+    """
+    import numpy as np
+    from gguf import GGUFReader
+
+    class _Reader(GGUFReader):
+        @property
+        def data(self):
+            return self._mapped
+
+        @data.setter
+        def data(self, value):
+            self._mapped = value.view(np.ndarray) if isinstance(value, np.memmap) else value
+
+    return _Reader
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+    """True for a file that starts with the GGUF magic (whatever its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor of the file.
+
+    Attributes:
+        type_name: the GGML type name ("Q4_K"), also for types this loader cannot decode.
+        ggml: its decoder table row, or None for an unsupported type.
+        shape: logical shape in PyTorch order (out, in).
+        nbytes: stored bytes.
+        index: position in the reader's tensor list.
+    """
+
+    type_name: str
+    ggml: GGMLType | None
+    shape: tuple[int, ...]
+    nbytes: int
+    index: int
+
+
+class GGUFFile:
+    """One GGUF file, parsed and memory-mapped once.
+
+    Args:
+        path: the ``.gguf`` file.
+
+    Raises:
+        CheckpointError: missing, empty, truncated or not a GGUF file, or one part of a split file.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self.metadata: dict[str, str] = {}  # safetensors-style header metadata: none in GGUF
+        self._reader = self._open()
+        self._infos: dict[str, GGUFTensorInfo] = {}
+        for i, t in enumerate(self._reader.tensors):
+            ggml = GGML_BY_ID.get(int(t.tensor_type))
+            name = getattr(t.tensor_type, "name", str(int(t.tensor_type)))
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+            self._infos[t.name] = GGUFTensorInfo(name, ggml, shape, int(t.n_bytes), i)
+
+    @property
+    def files(self) -> list[GGUFFile]:
+        """The files behind this reader (one), like ``CheckpointReader.files``."""
+        return [self]
+
+    def _open(self):
+        try:
+            size = os.path.getsize(self.path)
+        except OSError as e:
+            raise CheckpointError(
+                self.path, f"cannot be read ({e.strerror or e}).", "Check the path."
+            ) from None
+        if size == 0:
+            raise CheckpointError(self.path, "is empty (0 bytes).", _FIX_DOWNLOAD)
+        if not is_gguf(self.path):
+            raise CheckpointError(
+                self.path, "does not start with the GGUF magic bytes: it is not a GGUF file.", _FIX_DOWNLOAD
+            )
+        split = _SPLIT.search(os.path.basename(self.path))
+        if split and split.group(2) != "00001":
+            raise CheckpointError(
+                self.path,
+                f"is part {int(split.group(1))} of a GGUF split into {int(split.group(2))} files.",
+                "Merge the parts into one file first (llama.cpp: llama-gguf-split --merge).",
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                # 'c' maps the file copy-on-write: pages load lazily and writes stay private.
+                reader = _reader_class()(self.path, "c")
+        except (ValueError, IndexError, OSError, KeyError) as e:
+            raise CheckpointError(
+                self.path,
+                f"cannot be parsed as GGUF ({type(e).__name__}: {e}); the file is truncated or damaged.",
+                _FIX_DOWNLOAD,
+            ) from None
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        if end > size:
+            raise CheckpointError(
+                self.path,
+                f"its tensors end at byte {end} but the file has {size}: it is truncated.",
+                _FIX_DOWNLOAD,
+            )
+        return reader
+
+    # ------------------------------------------------------------------------------- metadata
+    def field(self, name: str, default=None):
+        """A metadata value: str, int, float, bool or a list of them; ``default`` when absent."""
+        f = self._reader.get_field(name)
+        if f is None:
+            return default
+        value = f.contents()
+        return value
+
+    def field_names(self) -> list[str]:
+        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+
+    @property
+    def architecture(self) -> str | None:
+        """``general.architecture`` ("flux", "flux2", "qwen3", "llama", ...), if present."""
+        arch = self.field("general.architecture")
+        return arch if isinstance(arch, str) else None
+
+    # --------------------------------------------------------------------------------- tensors
+    def keys(self) -> list[str]:
+        return list(self._infos)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def info(self, key: str) -> GGUFTensorInfo:
+        try:
+            return self._infos[key]
+        except KeyError:
+            raise CheckpointError(self.path, f"has no tensor named '{key}'.") from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """Logical shape (PyTorch order)."""
+        return self.info(key).shape
+
+    def storage(self, key: str) -> str:
+        """The GGML type name of ``key`` ("F32", "Q4_K", ...)."""
+        return self.info(key).type_name
+
+    def is_quantized(self, key: str) -> bool:
+        return self.info(key).type_name not in _PLAIN_DTYPES
+
+    def ggml(self, key: str) -> GGMLType:
+        """The decoder of ``key``'s type; CheckpointError naming type, tensor and file if unsupported."""
+        info = self.info(key)
+        if info.ggml is None:
+            from ..quant.ggml import GGML_TYPES
+
+            raise CheckpointError(
+                self.path,
+                f"tensor '{key}' is stored as {info.type_name}, a GGML type this loader cannot decode "
+                f"(supported: {', '.join(GGML_TYPES)}).",
+                "Use a GGUF quantized with one of the supported types (e.g. Q8_0, Q6_K, Q5_K_M, Q4_K_M).",
+            )
+        return info.ggml
+
+    def dtype(self, key: str) -> torch.dtype:
+        """dtype of ``get(key)``: float32/float16/bfloat16, or uint8 for quantized bytes."""
+        return _PLAIN_DTYPES.get(self.ggml(key).name, torch.uint8)
+
+    def nbytes(self, key: str) -> int:
+        return self.info(key).nbytes
+
+    def stored_shape(self, key: str) -> tuple[int, ...]:
+        """Shape of ``get(key)``: the logical shape, or (..., bytes per row) for quantized types."""
+        info, q = self.info(key), self.ggml(key)
+        if not q.quantized:
+            return info.shape
+        return (*info.shape[:-1], q.row_bytes(info.shape[-1]))
+
+    def get(self, key: str) -> torch.Tensor:
+        """``key`` as a CPU tensor viewing the mapped file (no copy): typed, or stored bytes."""
+        info, q = self.info(key), self.ggml(key)
+        data = self._reader.tensors[info.index].data
+        t = torch.from_numpy(data)
+        if q.name == "BF16":  # the reader hands BF16 out as raw bytes (..., 2 * cols)
+            t = t.view(torch.uint8).view(torch.bfloat16)
+        return t.reshape(self.stored_shape(key))
+
+    def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
+        """Copy ``key``'s stored bytes into ``out`` (stored dtype and shape, any device)."""
+        src = self.get(key)
+        if out.dtype != src.dtype or tuple(out.shape) != tuple(src.shape):
+            raise ValueError(
+                f"read_into('{key}'): out is {out.dtype} {tuple(out.shape)}, "
+                f"the file stores {src.dtype} {tuple(src.shape)}"
+            )
+        return out.copy_(src)
+
+    def dequantize(self, key: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``key`` as a ``dtype`` tensor of its logical shape (float32 math, rounded once)."""
+        t = self.get(key).to(device)
+        q = self.ggml(key)
+        if not q.quantized:
+            return t.to(dtype)
+        return dequantize_ggml(t, q, self.shape(key), dtype)
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, {len(self)} tensors, arch={self.architecture!r})"
