@@ -117,6 +117,7 @@ class FP8Format(QuantFormat):
         # scale (quantizing activations to e4m3), and 16-aligned dimensions (cuBLASLt).
         if (
             not self.input_scale
+            or layer.input_scale is None  # dropped on purpose: the weight-only path (RTX 30xx behaviour)
             or self.weight_dtype != torch.float8_e4m3fn
             or _capability(x.device) < (8, 9)
             or x.shape[-1] % 16
@@ -124,7 +125,8 @@ class FP8Format(QuantFormat):
         ):
             return None
         x2 = x.reshape(-1, x.shape[-1])
-        xq = (x2 / layer.input_scale.to(x.dtype)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        # Scaled in fp32, rounded once to e4m3 (a bf16 division would round twice).
+        xq = (x2.float() / layer.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         if self.per_row:
             # Row scales multiply the output columns: the product runs with unit weight scale.
             y = torch._scaled_mm(

@@ -72,8 +72,9 @@ def to_fp8(model, dev) -> None:
         old = model.get_submodule(name)
         new = FP8Linear(old.in_features, old.out_features, True, device=dev)
         q, scale = quantize_fp8(old.weight.data)
-        new.weight.data, new.weight_scale = q, scale
-        new.input_scale = torch.tensor(INPUT_SCALE, device=dev)
+        new.weight.data = q
+        new.weight_scale.data = scale.to(dev)
+        new.input_scale.data = torch.tensor(INPUT_SCALE, device=dev)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
         del old, q

@@ -59,9 +59,9 @@ def to_fp8(model, input_scales: dict[str, float] | None) -> None:
         new = FP8Linear(old.in_features, old.out_features, input_scales is not None, device=dev)
         q, scale = quantize_fp8(old.weight.data)
         new.weight.data = q
-        new.weight_scale = scale.to(dev)
+        new.weight_scale.data = scale.to(dev)
         if input_scales is not None:
-            new.input_scale = torch.tensor(input_scales[name], device=dev)
+            new.input_scale.data = torch.tensor(input_scales[name], device=dev)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, new)
 
@@ -73,7 +73,10 @@ def fp32_reference_of(model, cfg, device) -> Flux2Transformer:
         for name, mod in model.named_modules():
             if isinstance(mod, FP8Linear):
                 ref.get_submodule(name).weight.copy_(mod.dequantized(torch.float32))
+        quantized = {name for name, mod in model.named_modules() if isinstance(mod, FP8Linear)}
         for name, p in model.named_parameters():
+            if name.rpartition(".")[0] in quantized:
+                continue  # weight and its scales: copied dequantized above
             if p.dtype.is_floating_point and p.dtype.itemsize >= 2:
                 ref.get_parameter(name).copy_(p.float())
     return ref
