@@ -64,6 +64,11 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _int_list(value: object) -> bool:
+    """True for a JSON list of integers (``bool`` is an ``int`` subclass in Python: refused too)."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -124,22 +129,58 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._fail("the header JSON is not an object.")
         metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise self._fail("the header '__metadata__' entry is not an object.")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("the header '__metadata__' entry is not an object of strings.")
         data_start = 8 + n
         data_size = size - data_start
         infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             infos[name] = self._check_entry(name, entry, data_start, data_size)
-        return infos, {str(k): v for k, v in metadata.items()}, data_start
+        self._check_layout(infos, data_start, data_size)
+        return infos, dict(metadata), data_start
+
+    def _check_layout(self, infos: dict[str, TensorInfo], data_start: int, data_size: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors library requires.
+
+        Sorted by offset, each tensor starts where the previous one ended (no overlaps, no gaps),
+        the first at 0, and the last ends at the end of the file. Overlapping tensors would alias
+        each other's bytes; trailing bytes mean the file is not what its header describes.
+        """
+        at = data_start
+        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if info.begin != at:
+                what = "overlaps the previous tensor" if info.begin < at else "leaves a gap before it"
+                raise self._fail(
+                    f"tensor '{name}' starts at data byte {info.begin - data_start}, which {what} "
+                    f"(expected {at - data_start})."
+                )
+            at = info.end
+        if at != data_start + data_size:
+            raise self._fail(
+                f"the file has {data_start + data_size - at} bytes after its last tensor, which the "
+                "header does not describe."
+            )
 
     def _check_entry(self, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
         try:
             dtype_name = entry["dtype"]  # type: ignore[index]
-            shape = tuple(int(s) for s in entry["shape"])  # type: ignore[index]
-            begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-        except (TypeError, KeyError, ValueError):
+            shape = entry["shape"]  # type: ignore[index]
+            offsets = entry["data_offsets"]  # type: ignore[index]
+        except (TypeError, KeyError):
             raise self._fail(f"the header entry for tensor '{name}' is malformed.") from None
+        # JSON integers only: int(256.9) would silently read a different shape than the file states.
+        if (
+            not isinstance(dtype_name, str)
+            or not _int_list(shape)
+            or not _int_list(offsets)
+            or len(offsets) != 2
+        ):
+            raise self._fail(
+                f"the header entry for tensor '{name}' is malformed (dtype {dtype_name!r}, shape {shape!r}, "
+                f"data_offsets {offsets!r}; shapes and offsets must be lists of whole numbers)."
+            )
+        shape = tuple(shape)
+        begin, end = offsets
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise CheckpointError(
