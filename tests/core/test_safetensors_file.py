@@ -255,3 +255,30 @@ def test_validator_agrees_with_the_safetensors_library(tmp_path, case):
         with pytest.raises(CheckpointError) as e:
             SafetensorsFile(p)
         assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_shard_index_cannot_name_files_outside_the_folder(tmp_path, tensors, shard):
+    outside = _write(tmp_path / "outside.safetensors", {"a.weight": tensors["a.weight"]})
+    folder = tmp_path / "model" / "transformer"
+    (folder / "sub").mkdir(parents=True)
+    name = str(outside) if shard == "ABSOLUTE" else shard
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": name}})
+    )
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(folder)
+    assert name in str(e.value) and "inside" in str(e.value)
+
+
+def test_shards_may_be_symlinks_into_a_cache(tmp_path, tensors):
+    """Hugging Face cache snapshots hold shards as links to ../../blobs: names are checked, not targets."""
+    (tmp_path / "blobs").mkdir()
+    blob = _write(tmp_path / "blobs" / "0123abcd", {"a.weight": tensors["a.weight"]})
+    folder = tmp_path / "snapshots" / "rev" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "model-00001-of-00001.safetensors").symlink_to(blob)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}})
+    )
+    assert torch.equal(_bytes(open_checkpoint(folder).get("a.weight")), _bytes(tensors["a.weight"]))
