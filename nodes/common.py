@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import folder_paths
 import torch
 
+from ..flux2_core.checkpoint import FileSet, path_identity, track_files
 from ..flux2_core.errors import CheckpointError, Flux2Error
 from ..weight_streaming.errors import StreamingError
 
@@ -95,3 +99,33 @@ def tokenizer_choices(folder: str = "text_encoders") -> list[str]:
             if rel != "." and ("tokenizer.json" in filenames or "tokenizer_config.json" in filenames):
                 names.append(rel.replace(os.sep, "/") + "/")
     return names
+
+
+def memory_mapping_disabled() -> bool:
+    """ComfyUI's ``--disable-mmap``: read weights into memory we own instead of mapping the files."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_mmap", False))
+
+
+@contextmanager
+def loading() -> Iterator[FileSet]:
+    """Wraps a model load: records the files it opens (for change checks) and honours --disable-mmap."""
+    with track_files(mmap=not memory_mapping_disabled()) as files:
+        yield files
+
+
+def fingerprint(*paths: str | os.PathLike | None) -> str:
+    """A loader's change-detection value (ComfyUI's ``fingerprint_inputs``): stat of every file behind
+    ``paths``, so a file replaced, truncated or rewritten in place makes ComfyUI run the loader again.
+    """
+    ident = tuple(path_identity(p) if p is not None else None for p in paths)
+    return hashlib.sha256(repr(ident).encode()).hexdigest()
+
+
+def model_path_or_none(folder: str, name: str) -> str | None:
+    """``resolve_model_path`` without raising (for fingerprints: the loader itself reports it)."""
+    try:
+        return resolve_model_path(folder, name)
+    except CheckpointError:
+        return None

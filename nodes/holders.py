@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..flux2_core.checkpoint import FileSet
 from . import memory
 
 log = logging.getLogger(__name__)
@@ -38,16 +39,43 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-class ModuleHolder(memory.GpuHolder):
-    """One loaded module (transformer, text encoder or VAE) plus where its weights are now."""
+# What to do when a loaded file changed: the loaders' fingerprints make ComfyUI reload it.
+_CHANGED_FIX = (
+    "Queue the prompt again: the loader node reloads a file that changed (or says what is wrong with it)."
+)
 
-    def __init__(self, module: nn.Module, label: str, streaming: StreamingSettings | None = None):
+
+class ModuleHolder(memory.GpuHolder):
+    """One loaded module (transformer, text encoder or VAE) plus where its weights are now.
+
+    Args:
+        module: the loaded module.
+        label: how log lines name it.
+        streaming: the user's streaming settings; None never streams.
+        files: the files the module was loaded from (``loading()``), checked before every use: a
+            module loaded in its stored dtype views the memory-mapped file, and using it after the
+            file was truncated would crash ComfyUI (SIGBUS), after a rewrite use other weights.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        label: str,
+        streaming: StreamingSettings | None = None,
+        files: FileSet | None = None,
+    ):
         super().__init__()
         self.module = module
         self.label = label
         self.streaming = streaming
+        self.files = files
         self.streamer = None
         self.total_bytes = module_bytes(module)
+
+    def check_files(self) -> None:
+        """Raise a CheckpointError naming the file if one the module came from changed on disk."""
+        if self.files is not None:
+            self.files.check_unchanged(_CHANGED_FIX)
 
     def gpu_bytes(self) -> int:
         return self.total_bytes if self.on_gpu else 0
@@ -65,6 +93,7 @@ class ModuleHolder(memory.GpuHolder):
                 streamer plans from estimated compute times (which blocks to keep so copies hide behind
                 compute) instead of bytes alone; no resident run is needed to measure them.
         """
+        self.check_files()
         if device.type == "cpu" or (self.on_gpu and memory.same_device(self.device, device)):
             return self.module
         self.offload()

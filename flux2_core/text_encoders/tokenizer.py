@@ -302,6 +302,26 @@ def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str] | None:
     return None
 
 
+_TOKENIZER_FILE_NAMES = ("tekken.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def tokenizer_files(
+    model_path: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    fallback_dirs: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
+    """Every file ``load_prompt_tokenizer`` may read for these arguments, present or not.
+
+    For change detection: a tokenizer file that appears, disappears or changes in one of these
+    places can change which tokenizer is loaded.
+    """
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        return [t / n for n in _TOKENIZER_FILE_NAMES] if t.is_dir() else [t, t.parent / "merges.txt"]
+    dirs = [*_candidate_dirs(Path(model_path)), *map(Path, fallback_dirs)]
+    return [d / n for d in dirs for n in _TOKENIZER_FILE_NAMES]
+
+
 def load_prompt_tokenizer(
     kind: str,
     model_path: str | os.PathLike,
