@@ -155,7 +155,7 @@ class Flux2TextEncoder(nn.Module):
         s = self.spec
         return (
             self.identity,
-            self.tokenizer.source,
+            self.tokenizer.identity,
             s.kind,
             s.hidden_layers,
             s.max_length,

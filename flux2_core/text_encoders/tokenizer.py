@@ -179,13 +179,17 @@ class PromptTokenizer:
     Args:
         kind: ``"mistral3"`` or ``"qwen3"``.
         tokenizer: the underlying ``tokenizers.Tokenizer``.
-        source: where it was loaded from (for messages and cache keys).
+        source: where it was loaded from (for messages).
+        identity: SHA-256 (hex) of the bytes it was built from (for cache keys: a file replaced
+            under the same name is another tokenizer, identical bytes elsewhere the same one);
+            by default a digest of the tokenizer's own serialisation.
     """
 
-    def __init__(self, kind: str, tokenizer: Tokenizer, source: str):
+    def __init__(self, kind: str, tokenizer: Tokenizer, source: str, identity: str | None = None):
         self.kind = kind
         self.tokenizer = tokenizer
         self.source = source
+        self.identity = identity or hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         if kind == MISTRAL3:
             # mistral-common never parses control tokens out of text: "[INST]" typed in a prompt is text.
             tokenizer.encode_special_tokens = True
@@ -264,9 +268,21 @@ class PromptTokenizer:
 _TEKKEN_CACHE: dict[str, Tokenizer] = {}
 
 
+def clear_tokenizer_cache() -> None:
+    """Forget the tokenizers converted from tekken JSON (they are rebuilt on the next load)."""
+    _TEKKEN_CACHE.clear()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
 def _tekken_cached(data: bytes, source: str) -> Tokenizer:
     """Converting tekken takes about a second: reuse tokenizers built from identical bytes."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = _digest(data)
     if digest not in _TEKKEN_CACHE:
         if len(_TEKKEN_CACHE) >= 4:
             _TEKKEN_CACHE.pop(next(iter(_TEKKEN_CACHE)))
@@ -274,8 +290,43 @@ def _tekken_cached(data: bytes, source: str) -> Tokenizer:
     return _TEKKEN_CACHE[digest]
 
 
-def _load_tekken_file(path: Path) -> Tokenizer:
-    return _tekken_cached(path.read_bytes(), str(path))
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(
+            path, f"cannot be read ({e.strerror or e}).", "Check that it exists and is readable."
+        ) from None
+
+
+_DAMAGED = "Download the tokenizer file again; it is damaged or incomplete."
+
+
+def _json_tokenizer(path: Path) -> tuple[Tokenizer, str, str]:
+    """(tokenizer, source, digest) from a Hugging Face ``tokenizer.json``; CheckpointError names the file."""
+    data = _read(path)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8")), str(path), _digest(data)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for broken JSON
+        raise CheckpointError(path, f"is not a usable tokenizer.json ({e}).", _DAMAGED) from None
+
+
+def _tekken_file(path: Path) -> tuple[Tokenizer, str, str]:
+    data = _read(path)
+    return _tekken_cached(data, str(path)), str(path), _digest(data)
+
+
+def _vocab_tokenizer(vocab: Path, merges: Path) -> tuple[Tokenizer, str, str]:
+    data = (_read(vocab), _read(merges))
+    try:
+        tok = qwen_tokenizer_from_vocab(vocab, merges)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            vocab, f"and {merges.name} are not a usable BPE vocabulary ({e}).", _DAMAGED
+        ) from None
+    return tok, str(vocab), _digest(*data)
 
 
 def _candidate_dirs(model_path: Path) -> list[Path]:
@@ -287,18 +338,17 @@ def _candidate_dirs(model_path: Path) -> list[Path]:
     return dirs
 
 
-def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str] | None:
+def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str, str] | None:
     if kind == MISTRAL3:
-        for name in ("tekken.json",):
-            if (d / name).is_file():
-                return _load_tekken_file(d / name), str(d / name)
+        if (d / "tekken.json").is_file():
+            return _tekken_file(d / "tekken.json")
         if (d / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(d / "tokenizer.json")), str(d / "tokenizer.json")
+            return _json_tokenizer(d / "tokenizer.json")
         return None
     if (d / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(d / "tokenizer.json")), str(d / "tokenizer.json")
+        return _json_tokenizer(d / "tokenizer.json")
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        return qwen_tokenizer_from_vocab(d / "vocab.json", d / "merges.txt"), str(d / "vocab.json")
+        return _vocab_tokenizer(d / "vocab.json", d / "merges.txt")
     return None
 
 
@@ -351,12 +401,12 @@ def load_prompt_tokenizer(
         t = Path(tokenizer)
         if t.is_file():
             if t.name.endswith(".json") and kind == MISTRAL3 and t.name != "tokenizer.json":
-                return PromptTokenizer(kind, _load_tekken_file(t), str(t))
+                return PromptTokenizer(kind, *_tekken_file(t))
             if t.name == "vocab.json" and (t.parent / "merges.txt").is_file():
-                return PromptTokenizer(kind, qwen_tokenizer_from_vocab(t, t.parent / "merges.txt"), str(t))
-            return PromptTokenizer(kind, Tokenizer.from_file(str(t)), str(t))
+                return PromptTokenizer(kind, *_vocab_tokenizer(t, t.parent / "merges.txt"))
+            return PromptTokenizer(kind, *_json_tokenizer(t))
         if t.is_dir() and (found := _from_dir(kind, t)):
-            return PromptTokenizer(kind, found[0], found[1])
+            return PromptTokenizer(kind, *found)
         raise CheckpointError(
             t,
             "is not a usable tokenizer file or folder.",
@@ -365,12 +415,15 @@ def load_prompt_tokenizer(
         )
     if kind == MISTRAL3 and tekken_bytes is not None:
         return PromptTokenizer(
-            kind, _tekken_cached(tekken_bytes, str(model_path)), f"{model_path} (embedded tekken_model)"
+            kind,
+            _tekken_cached(tekken_bytes, str(model_path)),
+            f"{model_path} (embedded tekken_model)",
+            _digest(tekken_bytes),
         )
     for d in [*_candidate_dirs(model_path), *map(Path, fallback_dirs)]:
         looked.append(str(d))
         if d.is_dir() and (found := _from_dir(kind, d)):
-            return PromptTokenizer(kind, found[0], found[1])
+            return PromptTokenizer(kind, *found)
     wanted = (
         "tekken.json or tokenizer.json" if kind == MISTRAL3 else "tokenizer.json, or vocab.json + merges.txt"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,46 @@ def test_disable_mmap_is_honoured(comfy, tmp_path):
         assert server.alive()
     finally:
         server.stop()
+
+
+def _tokenizer_folder(comfy, name: str, swap: bool) -> str:
+    """models/text_encoders/<name>/tokenizer.json: the Qwen3 tokenizer, optionally with two ids swapped."""
+    import json
+
+    src = Path(os.environ["FLUX2LOCAL_ASSETS"]) / "qwen3-tokenizer" / "tokenizer.json"
+    data = json.loads(src.read_text())
+    if swap:
+        vocab = data["model"]["vocab"]
+        vocab["Ġcat"], vocab["Ġdog"] = vocab["Ġdog"], vocab["Ġcat"]
+    folder = comfy.base / "models" / "text_encoders" / name
+    folder.mkdir(exist_ok=True)
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    return f"{name}/"
+
+
+def _with_tokenizer(tokenizer: str, seed: int, text: str):
+    prompt = _prompt(seed=seed, text=text)
+    nodes_of(prompt, "Flux2LocalTextEncoderLoader")[0]["inputs"]["tokenizer"] = tokenizer
+    return prompt
+
+
+def test_replaced_tokenizer_gives_fresh_embeddings(comfy):
+    """Same weights, same prompt, tokenizer.json replaced: no stale cached embeddings."""
+    expected = _image(comfy, _with_tokenizer(_tokenizer_folder(comfy, "tok-swapped", True), 8, "a cat"))
+    tok = _tokenizer_folder(comfy, "tok-changing", False)
+    before = _image(comfy, _with_tokenizer(tok, 8, "a cat"))
+    assert not np.array_equal(before, expected)
+    time.sleep(0.05)
+    _tokenizer_folder(comfy, "tok-changing", True)
+    np.testing.assert_array_equal(_image(comfy, _with_tokenizer(tok, 8, "a cat")), expected)
+
+
+def test_free_model_and_node_cache_empties_the_embedding_cache(comfy):
+    _image(comfy, _prompt(seed=31, text="a prompt only this test encodes"))
+    start = len(comfy.log_path.read_text(errors="replace"))
+    comfy.free()
+    deadline = time.monotonic() + 30
+    while "cached prompt embeddings" not in comfy.log_path.read_text(errors="replace")[start:]:
+        assert time.monotonic() < deadline, comfy.log_tail()
+        time.sleep(0.1)
+    _assert_serving(comfy)
