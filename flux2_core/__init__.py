@@ -5,15 +5,24 @@ Never imports ComfyUI. Public names are re-exported here; see DEVELOPERS.md for 
 
 from .config import Flux2Config
 from .errors import CheckpointError, Flux2Error, GenerationCancelled, InputError
+from .inputs import check_finite, check_text
 from .kv_cache import Flux2KVCache
 from .model.flops import BlockFlops, block_flops, tokens_for
 from .model.transformer import Flux2Transformer
 from .sampling import (
-    Flux2Pipeline,
+    DOWNSCALE,
+    LATENT_CHANNELS,
+    MAX_REFERENCES,
+    SamplingPlan,
     StepInfo,
+    check_latents,
+    check_text_encoder,
     flux2_sigmas,
     generate,
+    latent_shape,
+    plan_sampling,
     prepare_reference_latents,
+    reference_token_count,
     sample_latents,
     validate_size,
 )
@@ -35,7 +44,6 @@ __all__ = [
     "block_flops",
     "tokens_for",
     # VAE, schedule, sampler (issue 3)
-    "Flux2Pipeline",
     "Flux2VAE",
     "Flux2VAEConfig",
     "StepInfo",
@@ -45,6 +53,18 @@ __all__ = [
     "prepare_reference_latents",
     "sample_latents",
     "validate_size",
+    # run planning and input checks shared with the nodes
+    "DOWNSCALE",
+    "LATENT_CHANNELS",
+    "MAX_REFERENCES",
+    "SamplingPlan",
+    "check_finite",
+    "check_latents",
+    "check_text",
+    "check_text_encoder",
+    "latent_shape",
+    "plan_sampling",
+    "reference_token_count",
     # text encoders (issue 4)
     "Flux2TextEncoder",
     "TextEncoderSpec",

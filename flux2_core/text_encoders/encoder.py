@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..inputs import check_text
 from .cache import EMBEDDING_CACHE, EmbeddingCache
 from .spec import TextEncoderSpec
 from .tokenizer import PromptTokenizer
@@ -86,8 +87,7 @@ class Flux2TextEncoder(nn.Module):
         spec = self.spec
         rows, masks = [], []
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompt {i} is a {type(prompt).__name__}, not text.")
+            check_text("text encoder", f"prompt {i}", prompt)
             ids = self.tokenizer.prompt_ids(prompt)
             if len(ids) > spec.max_length:
                 logger.warning(
