@@ -52,6 +52,7 @@ class ModuleHolder(memory.GpuHolder):
         module: the loaded module.
         label: how log lines name it.
         streaming: the user's streaming settings; None never streams.
+        source: the file or folder it was loaded from, for messages.
         files: the files the module was loaded from (``loading()``), checked before every use: a
             module loaded in its stored dtype views the memory-mapped file, and using it after the
             file was truncated would crash ComfyUI (SIGBUS), after a rewrite use other weights.
@@ -62,12 +63,14 @@ class ModuleHolder(memory.GpuHolder):
         module: nn.Module,
         label: str,
         streaming: StreamingSettings | None = None,
+        source: str = "",
         files: FileSet | None = None,
     ):
         super().__init__()
         self.module = module
         self.label = label
         self.streaming = streaming
+        self.source = source
         self.files = files
         self.streamer = None
         self.total_bytes = module_bytes(module)

@@ -110,8 +110,9 @@ class Flux2LocalModelLoader(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, model_name, dtype, keep_fp8, vram_budget_gb, pinned_ram_gb) -> io.NodeOutput:
-        from ..flux2_core import load_transformer
+        from ..flux2_core import check_finite, load_transformer
 
+        check_finite("FLUX.2 Model Loader", vram_budget_gb=vram_budget_gb, pinned_ram_gb=pinned_ram_gb)
         path = resolve_model_path("diffusion_models", model_name)
         with loading() as files:
             model = load_transformer(
@@ -121,6 +122,7 @@ class Flux2LocalModelLoader(io.ComfyNode):
             model,
             f"FLUX.2 {model.config.variant}",
             StreamingSettings(vram_budget_gb, pinned_ram_gb),
+            source=path,
             files=files,
         )
         info = _describe_model(model, path)
@@ -185,7 +187,9 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
                 path, tokenizer=tok, fallback_tokenizers=_fallback_tokenizers(), **kwargs
             )
         streaming = StreamingSettings() if getattr(encoder, "streamable_blocks", None) else None
-        return io.NodeOutput(ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming, files=files))
+        return io.NodeOutput(
+            ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming, source=path, files=files)
+        )
 
 
 class Flux2LocalVAELoader(io.ComfyNode):
@@ -225,4 +229,4 @@ class Flux2LocalVAELoader(io.ComfyNode):
         path = resolve_model_path("vae", vae_name)
         with loading() as files:
             vae = load_vae(path, dtype=DTYPES[dtype], device=memory.offload_device())
-        return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE", files=files))
+        return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE", source=path, files=files))
