@@ -88,13 +88,14 @@ class Flux2TextEncoder(nn.Module):
         rows, masks = [], []
         for i, prompt in enumerate(prompts):
             check_text("text encoder", f"prompt {i}", prompt)
-            ids = self.tokenizer.prompt_ids(prompt)
+            ids = self.tokenizer.prompt_ids(prompt, max_length=spec.max_length)
             if len(ids) > spec.max_length:
                 logger.warning(
-                    "prompt %d is %d tokens long with its template; only the first %d are used "
-                    "(FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
+                    "prompt %d is longer than %d tokens with its template (%d characters); only the first "
+                    "%d are used (FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
                     i,
-                    len(ids),
+                    spec.max_length,
+                    len(prompt),
                     spec.max_length,
                     spec.max_length,
                 )

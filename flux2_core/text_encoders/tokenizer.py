@@ -173,6 +173,14 @@ def qwen_tokenizer_from_vocab(vocab_path: str | os.PathLike, merges_path: str | 
     return tok
 
 
+# A prompt longer than this many characters per wanted token is first tokenized from a prefix
+# (real text averages about 4 characters per token; the prefix grows 4x while it falls short).
+_FIRST_PREFIX_CHARS_PER_TOKEN = 16
+# Ids past the wanted ones that the prefix must also give: the word the cut falls in may tokenize
+# differently from its whole, and that must stay beyond the ids that are kept.
+_CUT_MARGIN_TOKENS = 64
+
+
 class PromptTokenizer:
     """Renders FLUX.2 prompts (and upsampling chats) into token ids for one encoder family.
 
@@ -211,12 +219,32 @@ class PromptTokenizer:
         """Ids of plain text (no BOS). Mistral never parses control tokens out of user text."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
-    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str, system: str | None = None, max_length: int | None = None) -> list[int]:
         """Unpadded ids of the FLUX.2 encoder input for ``prompt``.
 
         Mistral: ``<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{prompt}[/INST]`` with "[IMG]" removed
         from the prompt; Qwen3: the no-thinking chat template with one user turn.
+
+        Args:
+            prompt: the user's prompt.
+            system: Mistral's system prompt (default: FLUX.2's).
+            max_length: the caller keeps only this many ids. A longer prompt is then tokenized from
+                a growing prefix until that gives more ids than needed (plus a margin for the word
+                the cut falls in), so a huge prompt costs what its first tokens cost; the first
+                ``max_length`` ids are those of the whole prompt. More than ``max_length`` ids are
+                returned whenever the prompt is longer (the caller truncates and can warn).
         """
+        if max_length is None:
+            return self._prompt_ids(prompt, system)
+        chars = _FIRST_PREFIX_CHARS_PER_TOKEN * max_length
+        while chars < len(prompt):
+            ids = self._prompt_ids(prompt[:chars], system)
+            if len(ids) > max_length + _CUT_MARGIN_TOKENS:
+                return ids
+            chars *= 4
+        return self._prompt_ids(prompt, system)
+
+    def _prompt_ids(self, prompt: str, system: str | None) -> list[int]:
         if self.kind == MISTRAL3:
             from .spec import MISTRAL3_SYSTEM_PROMPT
 

@@ -141,3 +141,45 @@ def test_bf16_encode_close_to_fp32(tiny_file, encoder):
     assert out16.dtype == torch.bfloat16
     ref = encoder("qwen3-4b", "hf").encode("a cat")
     assert_close(out16.float(), ref, atol=0.15, rtol=0.1)
+
+
+class _LengthSpy:
+    """Wraps a tokenizers.Tokenizer and records the length of every text it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def encode(self, text, *args, **kwargs):
+        self.lengths.append(len(text))
+        return self.inner.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "qwen3-4b"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: " ".join(f"word{i % 997}, the fox" for i in range(n // 16))[:n],
+        lambda n: "a" * n,  # one endless word: a single pre-token
+        lambda n: ("🦊 東京 " * n)[:n],
+    ],
+    ids=["words", "one-word", "wide-characters"],
+)
+def test_huge_prompt_is_cut_before_tokenizing_and_gives_the_same_tokens(kind, make, encoder, monkeypatch):
+    enc = encoder(kind, "hf")
+    spec = enc.spec
+    moderate = make(40_000)  # tokenized whole, for the expected ids
+    expected = enc.tokenizer.prompt_ids(moderate)[: spec.max_length]
+    assert len(expected) == spec.max_length
+    spy = _LengthSpy(enc.tokenizer.tokenizer)
+    monkeypatch.setattr(enc.tokenizer, "tokenizer", spy)
+    ids, mask = enc.tokenize([moderate])
+    assert ids[0].tolist() == expected and bool(mask.all())
+    huge = make(10_000_000)
+    assert huge[:40_000] == moderate
+    spy.lengths.clear()
+    ids, _ = enc.tokenize([huge])
+    assert ids[0].tolist() == expected
+    assert max(spy.lengths) < 200_000, spy.lengths  # never the 10 million characters
