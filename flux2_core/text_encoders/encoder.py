@@ -24,6 +24,33 @@ from .tokenizer import PromptTokenizer
 logger = logging.getLogger(__name__)
 
 
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor | None:
+    """The decoder layers' attention mask for a padded batch, built here rather than by transformers.
+
+    Query i sees key j when j <= i and key j is a token (not padding), as transformers' own
+    causal mask; building it here keeps the encoder independent of the signature of
+    ``transformers.masking_utils.create_causal_mask``, which changes between releases.
+
+    Args:
+        attention_mask: (B, L), 1 for tokens and 0 for padding.
+        dtype: the activations' dtype (for an additive mask).
+        implementation: the config's attention implementation ("sdpa", "eager", ...).
+
+    Returns:
+        None for SDPA when nothing is padded (SDPA's own causal path, as transformers does), a boolean
+        (B, 1, L, L) mask (True = attend) for SDPA, else an additive (B, 1, L, L) mask in ``dtype``.
+    """
+    keep = attention_mask.bool()
+    if implementation == "sdpa" and bool(keep.all()):
+        return None
+    n = keep.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
+    mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, L, L)
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 class Flux2TextEncoder(nn.Module):
     """Mistral Small 3.x or Qwen3 producing FLUX.2 prompt embeddings.
 
@@ -121,8 +148,6 @@ class Flux2TextEncoder(nn.Module):
         Returns:
             (B, L, 3 x hidden) in the model dtype, layer-major along the last axis.
         """
-        from transformers.masking_utils import create_causal_mask
-
         model = self.model
         wanted = set(self.spec.hidden_layers)
         n_run = self.spec.layers_needed
@@ -136,13 +161,7 @@ class Flux2TextEncoder(nn.Module):
         embeds = model.embed_tokens(input_ids)  # (B, L, H)
         # Positions 0..L-1 for every row, padding included: what the reference forward does.
         position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=model.config,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(attention_mask, embeds.dtype, model.config._attn_implementation)
         rope = model.rotary_emb(embeds, position_ids)
         h = embeds
         picked: dict[int, torch.Tensor] = {}

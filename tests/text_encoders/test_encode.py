@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from flux2_core.text_encoders import load_text_encoder
+
 PROMPTS = ["a red fox in the snow, photo", ""]
 
 
@@ -183,3 +185,18 @@ def test_huge_prompt_is_cut_before_tokenizing_and_gives_the_same_tokens(kind, ma
     ids, _ = enc.tokenize([huge])
     assert ids[0].tolist() == expected
     assert max(spy.lengths) < 200_000, spy.lengths  # never the 10 million characters
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "qwen3-4b"])
+def test_no_deprecated_transformers_api(kind, tiny_file, ref_stack, reference):
+    """transformers announces removals with FutureWarning/DeprecationWarning (e.g. create_causal_mask's
+    past_key_values, removed in 5.40): as errors here, CI fails before a release breaks the encoder."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        enc = load_text_encoder(tiny_file(kind, "hf"), dtype=torch.float32, cache=None)
+        ids, mask = enc.tokenize(["a cat", "a much longer prompt about a dog on a beach"])  # padded rows
+        out = enc.hidden_states(ids, mask)
+    assert_close(out, ref_stack(reference(kind), ids, mask, enc.spec.hidden_layers))
