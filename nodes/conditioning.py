@@ -10,7 +10,7 @@ from comfy_api.latest import io
 from ..flux2_core.sampling import MAX_REFERENCES
 from . import memory
 from .common import expect, image_batch, user_errors
-from .holders import ModuleHolder
+from .holders import ModuleHolder, TextEncoderHolder
 from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
         from ..flux2_core import check_text
 
         where = "FLUX.2 Encode Prompt"
-        expect(where, "text_encoder", text_encoder, ModuleHolder, "a FLUX.2 Text Encoder Loader output")
+        expect(where, "text_encoder", text_encoder, TextEncoderHolder, "a FLUX.2 Text Encoder Loader output")
         check_text(where, "prompt", prompt)
         check_text(where, "negative_prompt", negative_prompt)
         if upsample_images is not None:
@@ -109,16 +109,16 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
         device = memory.compute_device()
         with text_encoder.using(device):
             if upsample_prompt:
-                text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
-            encoder = text_encoder.prepare(device)
-            if upsample_prompt:
-                prompt = encoder.upsample(
-                    prompt,
-                    images=_images_to_pil(upsample_images),
-                    seed=upsample_seed,
-                    max_new_tokens=upsample_max_tokens,
-                )
+                writer = text_encoder.generator()  # built once, kept with the loaded encoder
+                with writer.using(device):
+                    prompt = writer.prepare(device).upsample(
+                        prompt,
+                        images=_images_to_pil(upsample_images),
+                        seed=upsample_seed,
+                        max_new_tokens=upsample_max_tokens,
+                    )
                 log.info("Flux2Local: upsampled prompt: %s", prompt)
+            encoder = text_encoder.prepare(device)  # gives the generator's VRAM back first
             embeds = encoder.encode([prompt]).to(memory.offload_device())
             # The negative is needed only for CFG on base models (Qwen3 family) or when the user typed
             # one; skipping it saves a full pass of the 24B Mistral encoder for [dev].

@@ -109,18 +109,6 @@ class ModuleHolder(memory.GpuHolder):
         self.device = device
         return self.module
 
-    def ensure_generation_ready(self) -> None:
-        """Loads a text encoder's generation parts (for upsampling) while its weights are off the GPU.
-
-        The weight streamer plans over the whole module and nothing may be added while it is
-        attached, so a model already on the GPU is given back first and re-planned on next use.
-        """
-        if getattr(self.module, "generation_ready", True):
-            return
-        self.offload()
-        self.module.ensure_generation_ready()
-        self.total_bytes = module_bytes(self.module)
-
     def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:
             return int(self.streaming.vram_budget_gb * GIB)
@@ -151,3 +139,46 @@ class ModuleHolder(memory.GpuHolder):
             self.streamer = None
         else:
             self.module.to(memory.offload_device())
+
+
+class TextEncoderHolder(ModuleHolder):
+    """The text encoder, plus the text generator (prompt upsampling) built on its first use.
+
+    The generator shares the encoder's decoder layers, so the two are never on the GPU together:
+    preparing one gives the other's VRAM back first.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._generator: GeneratorHolder | None = None
+
+    def generator(self) -> GeneratorHolder:
+        """The holder of the encoder's ``TextGenerator``, loading its extra parts on first use."""
+        if self._generator is None:
+            self.check_files()
+            self._generator = GeneratorHolder(self)
+        return self._generator
+
+    def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
+        if self._generator is not None:
+            self._generator.offload()
+        return super().prepare(device, *args, **kwargs)
+
+
+class GeneratorHolder(ModuleHolder):
+    """The ``TextGenerator`` of a ``TextEncoderHolder`` (same files, same streaming settings)."""
+
+    def __init__(self, encoder: TextEncoderHolder):
+        generator = encoder.module.generator()
+        super().__init__(
+            generator,
+            f"{encoder.label} generator",
+            encoder.streaming,
+            source=encoder.source,
+            files=encoder.files,
+        )
+        self.encoder = encoder
+
+    def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
+        self.encoder.offload()
+        return super().prepare(device, *args, **kwargs)

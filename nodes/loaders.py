@@ -19,7 +19,7 @@ from .common import (
     tokenizer_choices,
     user_errors,
 )
-from .holders import GIB, ModuleHolder, StreamingSettings, module_bytes
+from .holders import GIB, ModuleHolder, StreamingSettings, TextEncoderHolder, module_bytes
 from .types import CATEGORY, Flux2Model, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
             )
         streaming = StreamingSettings() if getattr(encoder, "streamable_blocks", None) else None
         return io.NodeOutput(
-            ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming, source=path, files=files)
+            TextEncoderHolder(encoder, f"text encoder {encoder.kind}", streaming, source=path, files=files)
         )
 
 
