@@ -181,7 +181,6 @@ def load_transformer(
         state[key] = _materialize(reader, plan.sources[key], dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     model.checkpoint_format = plan.checkpoint_format
-    model.source_path = reader.path
     logger.info(
         "loaded FLUX.2 %s transformer (%s, %s) from %s",
         detected.variant,

@@ -124,7 +124,8 @@ class ModuleHolder(memory.GpuHolder):
 
         memory.make_room(budget, device)
         pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
-        config = StreamingConfig(
+        config = StreamingConfig.from_name(
+            "auto",  # the user's budget and cap on top of the default prefetch and ring
             vram_budget=int(budget),
             pinned_cap=pinned,
             block_flops=tuple(block_flops) if block_flops else None,

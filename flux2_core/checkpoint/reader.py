@@ -57,10 +57,6 @@ class CheckpointReader:
         for f in files:
             self.metadata.update(f.metadata)
 
-    @property
-    def is_folder(self) -> bool:
-        return os.path.isdir(self.path)
-
     def keys(self) -> list[str]:
         return list(self._key_to_file)
 
