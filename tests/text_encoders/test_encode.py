@@ -40,14 +40,15 @@ def test_independent_transformers_load_of_the_hf_folder(tiny_file, encoder, ref_
     assert_close(enc.encode(["a lighthouse"]), ref_stack(ref, ids, mask, (10, 20, 30)))
 
 
-def test_untruncated_model_gives_the_same_states(full_encoder, reference, ref_stack):
-    """With every layer loaded (as after upsampling) the encoder still stops at layer 27 and agrees."""
-    enc = full_encoder("qwen3-4b")
-    assert len(enc.model.layers) == 36
+def test_encoding_after_a_generator_was_built_runs_only_the_encoder_layers(tiny_file, reference, ref_stack):
+    """A generator shares the encoder's layers and adds more; encoding still stops at layer 27 and agrees."""
+    enc = load_text_encoder(tiny_file("qwen3-4b", "hf"), dtype=torch.float32, cache=None)
+    gen = enc.generator()
+    assert len(gen.layers) == 36 and len(enc.model.layers) == 27
     calls = []
     hooks = [
         layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
-        for i, layer in enumerate(enc.model.layers)
+        for i, layer in enumerate(gen.layers)
     ]
     ids, mask = enc.tokenize(PROMPTS)
     out = enc.encode(PROMPTS)
