@@ -39,11 +39,11 @@ __all__ = [
     "GenerationCancelled",
     "InputError",
     "load_transformer",
-    # per-block FLOPs for the streaming planner (issue 6)
+    # per-block FLOPs for the streaming planner
     "BlockFlops",
     "block_flops",
     "tokens_for",
-    # VAE, schedule, sampler (issue 3)
+    # VAE, schedule, sampler
     "Flux2VAE",
     "Flux2VAEConfig",
     "StepInfo",
@@ -65,7 +65,7 @@ __all__ = [
     "latent_shape",
     "plan_sampling",
     "reference_token_count",
-    # text encoders (issue 4)
+    # text encoders
     "Flux2TextEncoder",
     "TextEncoderSpec",
     "load_text_encoder",
