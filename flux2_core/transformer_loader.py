@@ -228,7 +228,6 @@ def load_transformer(
             state[key] = DENSE[src.kind](reader, src, dtype, device)
     assign_state(model, state, reader.path, f"a FLUX.2 {detected.variant} transformer")
     model.checkpoint_format = plan.checkpoint_format
-    model.source_path = reader.path
     model.quant_summary = quant_summary((s.storage, _numel(s.shape)) for s in plan.sources.values())
     logger.info(
         "loaded FLUX.2 %s transformer (%s, %s, %d quantized layers kept) from %s",

@@ -47,6 +47,10 @@ class Flux2LocalExtension(ComfyExtension):
 
 
 async def comfy_entrypoint() -> Flux2LocalExtension:
+    from ..flux2_core.text_encoders import clear_caches
+
     # Not in ComfyExtension.on_load: ComfyUI 0.3.64 never calls it.
     memory.install_hooks()
+    # "Free model and node cache" must not leave prompt embeddings or tokenizers behind.
+    memory.on_unload_all(clear_caches)
     return Flux2LocalExtension()

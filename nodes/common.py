@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import folder_paths
 import torch
 
-from ..flux2_core.errors import CheckpointError, Flux2Error
+from ..flux2_core.checkpoint import FileSet, path_identity, track_files
+from ..flux2_core.errors import CheckpointError, Flux2Error, InputError
+from ..flux2_core.sampling import check_latents
 from ..weight_streaming.errors import StreamingError
 
 # User-facing errors of the two libraries (weight_streaming never imports flux2_core).
@@ -101,3 +106,70 @@ def tokenizer_choices(folder: str = "text_encoders") -> list[str]:
             if rel != "." and ("tokenizer.json" in filenames or "tokenizer_config.json" in filenames):
                 names.append(rel.replace(os.sep, "/") + "/")
     return names
+
+
+def memory_mapping_disabled() -> bool:
+    """ComfyUI's ``--disable-mmap``: read weights into memory we own instead of mapping the files."""
+    from comfy.cli_args import args
+
+    return bool(getattr(args, "disable_mmap", False))
+
+
+@contextmanager
+def loading() -> Iterator[FileSet]:
+    """Wraps a model load: records the files it opens (for change checks) and honours --disable-mmap."""
+    with track_files(mmap=not memory_mapping_disabled()) as files:
+        yield files
+
+
+def fingerprint(*paths: str | os.PathLike | None) -> str:
+    """A loader's change-detection value (ComfyUI's ``fingerprint_inputs``): stat of every file behind
+    ``paths``, so a file replaced, truncated or rewritten in place makes ComfyUI run the loader again.
+    """
+    ident = tuple(path_identity(p) if p is not None else None for p in paths)
+    return hashlib.sha256(repr(ident).encode()).hexdigest()
+
+
+def model_path_or_none(folder: str, name: str) -> str | None:
+    """``resolve_model_path`` without raising (for fingerprints: the loader itself reports it)."""
+    try:
+        return resolve_model_path(folder, name)
+    except CheckpointError:
+        return None
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def expect(where: str, name: str, value: object, kind: type | tuple[type, ...], source: str) -> None:
+    """Refuse a socket input that holds something else than a connection from ``source``.
+
+    ComfyUI passes a literal typed into an API prompt (``"model": 5``) to the node as it is.
+    """
+    if not isinstance(value, kind):
+        raise InputError(
+            f"{where}: the '{name}' input must be connected to {source}; it holds {_shown(value)} instead."
+        )
+
+
+def latent_samples(where: str, name: str, latent: object) -> torch.Tensor:
+    """The ``samples`` tensor of a FLUX.2 LATENT input, validated (B, 128, H/16, W/16)."""
+    if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+        raise InputError(
+            f"{where}: the '{name}' input must be connected to a LATENT output (e.g. FLUX.2 VAE Encode); it "
+            f"holds {_shown(latent)} instead."
+        )
+    check_latents(latent["samples"], where)
+    return latent["samples"]
+
+
+def image_batch(where: str, name: str, image: object) -> torch.Tensor:
+    """A ComfyUI IMAGE input (B, H, W, C), validated."""
+    expect(where, name, image, torch.Tensor, "an IMAGE output (e.g. Load Image)")
+    if image.ndim != 4:
+        raise InputError(
+            f"{where}: the '{name}' IMAGE has shape {tuple(image.shape)}; expected (B, H, W, C)."
+        )
+    return image

@@ -7,9 +7,11 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..flux2_core.sampling import MAX_REFERENCES
 from . import memory
-from .common import user_errors
-from .types import CATEGORY, MAX_REFERENCES, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
+from .common import expect, image_batch, user_errors
+from .holders import ModuleHolder, TextEncoderHolder
+from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +98,27 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
         upsample_max_tokens,
         upsample_images=None,
     ):
+        from ..flux2_core import check_text
+
+        where = "FLUX.2 Encode Prompt"
+        expect(where, "text_encoder", text_encoder, TextEncoderHolder, "a FLUX.2 Text Encoder Loader output")
+        check_text(where, "prompt", prompt)
+        check_text(where, "negative_prompt", negative_prompt)
+        if upsample_images is not None:
+            image_batch(where, "upsample_images", upsample_images)
         device = memory.compute_device()
         with text_encoder.using(device):
             if upsample_prompt:
-                text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
-            encoder = text_encoder.prepare(device)
-            if upsample_prompt:
-                prompt = encoder.upsample(
-                    prompt,
-                    images=_images_to_pil(upsample_images),
-                    seed=upsample_seed,
-                    max_new_tokens=upsample_max_tokens,
-                )
+                writer = text_encoder.generator()  # built once, kept with the loaded encoder
+                with writer.using(device):
+                    prompt = writer.prepare(device).upsample(
+                        prompt,
+                        images=_images_to_pil(upsample_images),
+                        seed=upsample_seed,
+                        max_new_tokens=upsample_max_tokens,
+                    )
                 log.info("Flux2Local: upsampled prompt: %s", prompt)
+            encoder = text_encoder.prepare(device)  # gives the generator's VRAM back first
             embeds = encoder.encode([prompt]).to(memory.offload_device())
             # The negative is needed only for CFG on base models (Qwen3 family) or when the user typed
             # one; skipping it saves a full pass of the 24B Mistral encoder for [dev].
@@ -120,6 +130,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
             negative_embeds=negative,
             context_dim=int(embeds.shape[-1]),
             encoder_kind=encoder.kind,
+            encoder_file=text_encoder.source,
             prompt=prompt,
         )
         return io.NodeOutput(cond, prompt)
@@ -174,11 +185,21 @@ class Flux2LocalMultiReference(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, conditioning, vae, megapixels_per_reference, images=None, **loose_images):
-        from ..flux2_core import InputError, prepare_reference_latents
+        from ..flux2_core import InputError, check_finite, prepare_reference_latents
 
+        where = "FLUX.2 Multi-Reference"
+        expect(
+            where,
+            "conditioning",
+            conditioning,
+            Conditioning,
+            "a FLUX.2 Encode Prompt or Multi-Reference output",
+        )
+        expect(where, "vae", vae, ModuleHolder, "a FLUX.2 VAE Loader output")
+        check_finite(where, megapixels_per_reference=megapixels_per_reference)
         # Autogrow passes {"image_1": ...} as `images`; older ComfyUI passes "images.image_1"=... keywords.
         named = dict(images or {}) | {k.removeprefix("images."): v for k, v in loose_images.items()}
-        tensors = [named[n] for n in IMAGE_NAMES if named.get(n) is not None]
+        tensors = [image_batch(where, n, named[n]) for n in IMAGE_NAMES if named.get(n) is not None]
         # An IMAGE input may be a batch; every image in it is one reference.
         refs = [img[None] for t in tensors for img in t]
         total = len(conditioning.reference_latents) + len(refs)

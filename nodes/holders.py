@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..flux2_core.checkpoint import FileSet
 from . import memory
 
 log = logging.getLogger(__name__)
@@ -41,18 +42,48 @@ def module_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-class ModuleHolder(memory.GpuHolder):
-    """One loaded module (transformer, text encoder or VAE) plus where its weights are now."""
+# What to do when a loaded file changed: the loaders' fingerprints make ComfyUI reload it.
+_CHANGED_FIX = (
+    "Queue the prompt again: the loader node reloads a file that changed (or says what is wrong with it)."
+)
 
-    def __init__(self, module: nn.Module, label: str, streaming: StreamingSettings | None = None):
+
+class ModuleHolder(memory.GpuHolder):
+    """One loaded module (transformer, text encoder or VAE) plus where its weights are now.
+
+    Args:
+        module: the loaded module.
+        label: how log lines name it.
+        streaming: the user's streaming settings; None never streams.
+        source: the file or folder it was loaded from, for messages.
+        files: the files the module was loaded from (``loading()``), checked before every use: a
+            module loaded in its stored dtype views the memory-mapped file, and using it after the
+            file was truncated would crash ComfyUI (SIGBUS), after a rewrite use other weights.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        label: str,
+        streaming: StreamingSettings | None = None,
+        source: str = "",
+        files: FileSet | None = None,
+    ):
         super().__init__()
         self.module = module
         self.label = label
         self.streaming = streaming
+        self.source = source
+        self.files = files
         self.streamer = None
         self.total_bytes = module_bytes(module)
         self.loras: tuple = ()  # ((Flux2LoRA, strength), ...) applied by prepare()
         self.loras_applied = False  # some holder sharing this one's module applied a stack
+
+    def check_files(self) -> None:
+        """Raise a CheckpointError naming the file if one the module came from changed on disk."""
+        if self.files is not None:
+            self.files.check_unchanged(_CHANGED_FIX)
 
     def gpu_bytes(self) -> int:
         return self.total_bytes if self.on_gpu else 0
@@ -77,6 +108,7 @@ class ModuleHolder(memory.GpuHolder):
         return LoRAModelHolder(self, tuple(loras))
 
     def _prepare(self, device, activation_bytes, block_flops, loras) -> nn.Module:
+        self.check_files()
         # The LoRA factors live on the GPU beside the weights: keep room for them in the budget.
         lora_bytes = sum(lora.nbytes() for lora, s in loras if s)
         module = self._place(device, activation_bytes, block_flops, lora_bytes)
@@ -101,18 +133,6 @@ class ModuleHolder(memory.GpuHolder):
         self.device = device
         return self.module
 
-    def ensure_generation_ready(self) -> None:
-        """Loads a text encoder's generation parts (for upsampling) while its weights are off the GPU.
-
-        The weight streamer plans over the whole module and nothing may be added while it is
-        attached, so a model already on the GPU is given back first and re-planned on next use.
-        """
-        if getattr(self.module, "generation_ready", True):
-            return
-        self.offload()
-        self.module.ensure_generation_ready()
-        self.total_bytes = module_bytes(self.module)
-
     def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:
             return int(self.streaming.vram_budget_gb * GIB)
@@ -128,7 +148,8 @@ class ModuleHolder(memory.GpuHolder):
 
         memory.make_room(budget, device)
         pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
-        config = StreamingConfig(
+        config = StreamingConfig.from_name(
+            "auto",  # the user's budget and cap on top of the default prefetch and ring
             vram_budget=int(budget),
             pinned_cap=pinned,
             block_flops=tuple(block_flops) if block_flops else None,
@@ -175,3 +196,46 @@ class LoRAModelHolder:
         if name == "base" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+class TextEncoderHolder(ModuleHolder):
+    """The text encoder, plus the text generator (prompt upsampling) built on its first use.
+
+    The generator shares the encoder's decoder layers, so the two are never on the GPU together:
+    preparing one gives the other's VRAM back first.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._generator: GeneratorHolder | None = None
+
+    def generator(self) -> GeneratorHolder:
+        """The holder of the encoder's ``TextGenerator``, loading its extra parts on first use."""
+        if self._generator is None:
+            self.check_files()
+            self._generator = GeneratorHolder(self)
+        return self._generator
+
+    def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
+        if self._generator is not None:
+            self._generator.offload()
+        return super().prepare(device, *args, **kwargs)
+
+
+class GeneratorHolder(ModuleHolder):
+    """The ``TextGenerator`` of a ``TextEncoderHolder`` (same files, same streaming settings)."""
+
+    def __init__(self, encoder: TextEncoderHolder):
+        generator = encoder.module.generator()
+        super().__init__(
+            generator,
+            f"{encoder.label} generator",
+            encoder.streaming,
+            source=encoder.source,
+            files=encoder.files,
+        )
+        self.encoder = encoder
+
+    def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
+        self.encoder.offload()
+        return super().prepare(device, *args, **kwargs)

@@ -9,14 +9,29 @@ import comfy.text_encoders
 from comfy_api.latest import io
 
 from . import memory
-from .common import DTYPES, model_choices, resolve_model_path, tokenizer_choices, user_errors
-from .holders import GIB, ModuleHolder, StreamingSettings, module_bytes
+from .common import (
+    DTYPES,
+    fingerprint,
+    loading,
+    model_choices,
+    model_path_or_none,
+    resolve_model_path,
+    tokenizer_choices,
+    user_errors,
+)
+from .holders import GIB, ModuleHolder, StreamingSettings, TextEncoderHolder, module_bytes
 from .types import CATEGORY, Flux2Model, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
 
 # The Qwen2.5/3 BPE vocabulary ComfyUI ships for its own [klein] text encoders.
 COMFY_QWEN_TOKENIZER = Path(comfy.text_encoders.__path__[0]) / "qwen25_tokenizer"
+
+
+def _fallback_tokenizers() -> list[str]:
+    # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it ships,
+    # so they are the last place looked when "auto" finds nothing next to the weights.
+    return [str(COMFY_QWEN_TOKENIZER)] if COMFY_QWEN_TOKENIZER.is_dir() else []
 
 
 def _describe_model(model, path: str) -> str:
@@ -97,14 +112,27 @@ class Flux2LocalModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, model_name, **_) -> str:
+        # A file replaced, truncated or rewritten under the same name must be loaded again.
+        return fingerprint(model_path_or_none("diffusion_models", model_name))
+
+    @classmethod
     @user_errors
     def execute(cls, model_name, dtype, keep_fp8, vram_budget_gb, pinned_ram_gb) -> io.NodeOutput:
-        from ..flux2_core import load_transformer
+        from ..flux2_core import check_finite, load_transformer
 
+        check_finite("FLUX.2 Model Loader", vram_budget_gb=vram_budget_gb, pinned_ram_gb=pinned_ram_gb)
         path = resolve_model_path("diffusion_models", model_name)
-        model = load_transformer(path, dtype=DTYPES[dtype], device=memory.offload_device(), keep_fp8=keep_fp8)
+        with loading() as files:
+            model = load_transformer(
+                path, dtype=DTYPES[dtype], device=memory.offload_device(), keep_fp8=keep_fp8
+            )
         holder = ModuleHolder(
-            model, f"FLUX.2 {model.config.variant}", StreamingSettings(vram_budget_gb, pinned_ram_gb)
+            model,
+            f"FLUX.2 {model.config.variant}",
+            StreamingSettings(vram_budget_gb, pinned_ram_gb),
+            source=path,
+            files=files,
         )
         info = _describe_model(model, path)
         log.info("Flux2Local: %s", info)
@@ -148,6 +176,15 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, text_encoder_name, tokenizer, **_) -> str:
+        from ..flux2_core.text_encoders.tokenizer import tokenizer_files
+
+        path = model_path_or_none("text_encoders", text_encoder_name)
+        tok = None if tokenizer == "auto" else model_path_or_none("text_encoders", tokenizer)
+        tokenizers = tokenizer_files(path, tok, _fallback_tokenizers()) if path else []
+        return fingerprint(path, *tokenizers)
+
+    @classmethod
     @user_errors
     def execute(cls, text_encoder_name, tokenizer, dtype) -> io.NodeOutput:
         from ..flux2_core import load_text_encoder
@@ -155,12 +192,14 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
         path = resolve_model_path("text_encoders", text_encoder_name)
         tok = None if tokenizer == "auto" else resolve_model_path("text_encoders", tokenizer)
         kwargs = {"dtype": DTYPES[dtype], "device": memory.offload_device()}
-        # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it ships,
-        # so they are the last place looked when "auto" finds nothing next to the weights.
-        fallback = [str(COMFY_QWEN_TOKENIZER)] if COMFY_QWEN_TOKENIZER.is_dir() else []
-        encoder = load_text_encoder(path, tokenizer=tok, fallback_tokenizers=fallback, **kwargs)
+        with loading() as files:
+            encoder = load_text_encoder(
+                path, tokenizer=tok, fallback_tokenizers=_fallback_tokenizers(), **kwargs
+            )
         streaming = StreamingSettings() if getattr(encoder, "streamable_blocks", None) else None
-        return io.NodeOutput(ModuleHolder(encoder, f"text encoder {encoder.kind}", streaming))
+        return io.NodeOutput(
+            TextEncoderHolder(encoder, f"text encoder {encoder.kind}", streaming, source=path, files=files)
+        )
 
 
 class Flux2LocalVAELoader(io.ComfyNode):
@@ -189,10 +228,15 @@ class Flux2LocalVAELoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, vae_name, **_) -> str:
+        return fingerprint(model_path_or_none("vae", vae_name))
+
+    @classmethod
     @user_errors
     def execute(cls, vae_name, dtype) -> io.NodeOutput:
         from ..flux2_core import load_vae
 
         path = resolve_model_path("vae", vae_name)
-        vae = load_vae(path, dtype=DTYPES[dtype], device=memory.offload_device())
-        return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE"))
+        with loading() as files:
+            vae = load_vae(path, dtype=DTYPES[dtype], device=memory.offload_device())
+        return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE", source=path, files=files))

@@ -8,7 +8,8 @@ ModelPatchers, so ComfyUI does not know about their VRAM by itself. This module 
   ``--reserve-vram``);
 - ``free_memory`` is wrapped once so that when ComfyUI needs memory our idle GPU weights are given
   back too. ``unload_all_models`` (the "Free model and node cache" button, ``POST /free``, OOM
-  recovery) is ``free_memory(1e30, device)``, so it reaches our models through the same hook;
+  recovery) is ``free_memory(1e30, device)``, so it reaches our models through the same hook, which
+  then also empties the caches registered with ``on_unload_all`` (prompt embeddings, tokenizers);
 - outputs go to ``intermediate_device()``;
 - under DynamicVRAM (per-node CUDA memory pools) weights never stay on the GPU between nodes.
 """
@@ -19,7 +20,7 @@ import functools
 import logging
 import sys
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import comfy.model_management as mm
@@ -28,6 +29,15 @@ import torch
 log = logging.getLogger(__name__)
 
 _HOLDERS: weakref.WeakSet[GpuHolder] = weakref.WeakSet()
+_ON_UNLOAD_ALL: list[Callable[[], object]] = []
+# comfy.model_management.unload_all_models() asks free_memory for 1e30 bytes: "everything".
+_UNLOAD_ALL_BYTES = 1e30
+
+
+def on_unload_all(callback: Callable[[], object]) -> None:
+    """Registers ``callback`` to run whenever ComfyUI unloads all models (registered once)."""
+    if callback not in _ON_UNLOAD_ALL:
+        _ON_UNLOAD_ALL.append(callback)
 
 
 class GpuHolder:
@@ -147,6 +157,12 @@ def install_hooks() -> None:
     @functools.wraps(original)
     def free_memory(memory_required, device, *args, **kwargs):
         result = original(memory_required, device, *args, **kwargs)
+        if memory_required >= _UNLOAD_ALL_BYTES:
+            for callback in _ON_UNLOAD_ALL:
+                try:
+                    callback()
+                except Exception:  # never break ComfyUI's own memory management because of ours
+                    log.exception("Flux2Local: could not clear a cache")
         try:
             if getattr(device, "type", "cpu") != "cpu" and mm.get_free_memory(device) < memory_required:
                 if release_idle(device):

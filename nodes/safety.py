@@ -187,13 +187,14 @@ class Flux2LocalContentFilter(io.ComfyNode):
         nsfw = load_nsfw_classifier(_classifier_path(classifier)) if classifier != "none" else None
         device = memory.compute_device()
         use_vlm = vlm_check != "off"
+        writer = None
         if use_vlm:
             try:
-                text_encoder.ensure_generation_ready()  # before prepare(): streaming plans over it
+                writer = text_encoder.generator()  # built once, kept with the loaded encoder
             except CheckpointError as e:
                 raise CheckpointError(e.path, e.problem, HEAD_FIX) from None
-        with text_encoder.using(device) if use_vlm else contextlib.nullcontext():
-            judge = IntegrityJudge(EncoderChat(text_encoder.prepare(device))) if use_vlm else None
+        with writer.using(device) if use_vlm else contextlib.nullcontext():
+            judge = IntegrityJudge(EncoderChat(writer.prepare(device))) if use_vlm else None
             checks = ContentFilter(
                 classifier=nsfw,
                 judge=judge,

@@ -16,36 +16,13 @@ try:  # ComfyUI >= 0.3.72 (native FLUX.2) has the latent format; older versions 
 except ImportError:
     _Flux2LatentFormat = None
 
+from ..flux2_core.sampling import DOWNSCALE
 from . import memory
-from .common import user_errors
-from .types import CATEGORY, Flux2Conditioning, Flux2Model
+from .common import expect, latent_samples, user_errors
+from .holders import ModuleHolder
+from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2Model
 
 log = logging.getLogger(__name__)
-
-
-def variant_defaults(cfg) -> tuple[int, float]:
-    """(steps, guidance) used when the node's value is 0 = auto, from BFL's defaults.
-
-    [dev] (guidance embedder): 50 steps, embedded guidance 4. Distilled [klein]: 4 steps, guidance
-    fixed at 1 (no CFG). Base [klein]: 50 steps, CFG 4. Read from the config's flags rather than its
-    variant name so custom-shaped checkpoints get the right family.
-    """
-    if cfg.guidance_embed:
-        return 50, 4.0
-    if cfg.distilled:
-        return 4, 1.0
-    return 50, 4.0
-
-
-def activation_estimate(cfg, width: int, height: int, n_ref_tokens: int) -> int:
-    """Rough activation peak of one transformer block in bytes, kept free when budgeting weights.
-
-    Per token a block holds about 24 x hidden values at once (qkv 3H, SwiGLU 6H in + 3H out, attention
-    output, residuals and modulated copies), in 2-byte compute dtype; tokens = image + references +
-    512 text tokens.
-    """
-    tokens = (width // 16) * (height // 16) + n_ref_tokens + 512
-    return tokens * cfg.hidden_size * 24 * 2
 
 
 def _previewer(device: torch.device):
@@ -98,7 +75,7 @@ class Flux2LocalSampler(io.ComfyNode):
                     default=1024,
                     min=64,
                     max=8192,
-                    step=16,
+                    step=DOWNSCALE,
                     tooltip="Image width in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
@@ -106,7 +83,7 @@ class Flux2LocalSampler(io.ComfyNode):
                     default=1024,
                     min=64,
                     max=8192,
-                    step=16,
+                    step=DOWNSCALE,
                     tooltip="Image height in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
@@ -159,34 +136,53 @@ class Flux2LocalSampler(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, model, conditioning, width, height, seed, steps, guidance, denoise, latent=None):
-        from ..flux2_core import InputError, block_flops, sample_latents, tokens_for, validate_size
+        from ..flux2_core import (
+            check_finite,
+            check_latents,
+            check_text_encoder,
+            latent_shape,
+            plan_sampling,
+            reference_token_count,
+            sample_latents,
+        )
 
+        where = "FLUX.2 Sampler"
+        expect(where, "model", model, ModuleHolder, "a FLUX.2 Model Loader output")
+        expect(
+            where,
+            "conditioning",
+            conditioning,
+            Conditioning,
+            "a FLUX.2 Encode Prompt or Multi-Reference output",
+        )
+        check_finite(where, guidance=guidance, denoise=denoise)
+        init = None if latent is None else latent_samples(where, "latent", latent)
+        if init is not None:
+            width, height = check_latents(init, where)  # the latent's size wins
         cfg = model.module.config
-        init = None
-        if latent is not None:
-            init = latent["samples"]
-            if init.ndim != 4 or init.shape[1] != 128:
-                raise InputError(
-                    f"FLUX.2 Sampler: the latent input has shape {tuple(init.shape)}; FLUX.2 latents are "
-                    "(B, 128, H/16, W/16). Use FLUX.2 VAE Encode or EmptyFlux2LatentImage."
-                )
-            height, width = init.shape[2] * 16, init.shape[3] * 16
-        validate_size(width, height)  # before any work: a clear message, nothing loaded on the GPU
-        if conditioning.context_dim != cfg.context_dim:
-            raise InputError(
-                f"FLUX.2 Sampler: the conditioning comes from a text encoder of width {conditioning.context_dim} "
-                f"({conditioning.encoder_kind}) but this {cfg.variant} model expects {cfg.context_dim}. Use the "
-                "matching encoder: Mistral Small 3.x for [dev], Qwen3 4B for [klein] 4B, Qwen3 8B for [klein] 9B."
-            )
-        d_steps, d_guidance = variant_defaults(cfg)
-        steps = steps or d_steps
-        guidance = guidance or d_guidance
-        # ComfyUI's noise convention (CPU generator seeded with `seed`), shape (1, 128, H/16, W/16).
-        shape_ref = init if init is not None else torch.zeros(1, 128, height // 16, width // 16)
+        # Everything is checked before any work: a clear message, nothing loaded on the GPU.
+        plan = plan_sampling(
+            cfg,
+            width,
+            height,
+            reference_tokens=reference_token_count(conditioning.reference_latents),
+            batch=1 if init is None else init.shape[0],
+            steps=steps or None,  # 0 = the variant's default
+            guidance=guidance or None,
+        )
+        check_text_encoder(
+            cfg,
+            conditioning.context_dim,
+            conditioning.encoder_kind,
+            model_name=model.source or model.label,
+            encoder_name=conditioning.encoder_file or conditioning.encoder_kind,
+        )
+        # ComfyUI's noise convention (CPU generator seeded with `seed`), shape (B, 128, H/16, W/16).
+        shape_ref = init if init is not None else torch.zeros(latent_shape(width, height))
         noise = comfy.sample.prepare_noise(shape_ref, seed)
 
         device = memory.compute_device()
-        pbar = comfy.utils.ProgressBar(steps)
+        pbar = comfy.utils.ProgressBar(plan.steps)
         previewer = _previewer(device)
 
         def on_step(info) -> None:
@@ -196,25 +192,18 @@ class Flux2LocalSampler(io.ComfyNode):
                 preview = previewer.decode_latent_to_preview_image("JPEG", info.denoised.float())
             pbar.update_absolute(info.step, info.total, preview)  # info.step is 1-based
 
+        g = plan.guidance
         log.info(
-            "Flux2Local: sampling %d steps at %dx%d (guidance %.2f, seed %d)",
-            steps,
+            "Flux2Local: sampling %d steps at %dx%d (guidance: %s, seed %d)",
+            plan.steps,
             width,
             height,
-            guidance,
+            g.mode if g.scale is None else f"{g.mode} {g.scale:.2f}",
             seed,
         )
+        batch = shape_ref.shape[0]
         with model.using(device):
-            n_ref = sum(r.shape[-2] * r.shape[-1] for r in conditioning.reference_latents)
-            batch = 1 if init is None else init.shape[0]
-            # Per-block work of one step: true CFG (base models) runs a second pass per step.
-            passes = batch * (2 if not cfg.guidance_embed and not cfg.distilled and guidance > 1 else 1)
-            flops = block_flops(cfg, tokens_for(width, height, reference_tokens=n_ref)).per_block
-            transformer = model.prepare(
-                device,
-                activation_estimate(cfg, width, height, n_ref),
-                block_flops=tuple(f * passes for f in flops),
-            )
+            transformer = model.prepare(device, plan.activation_bytes, block_flops=plan.block_flops)
 
             def dev(t):  # embeddings (1, L, ctx) -> (batch, L, ctx) on the compute device
                 return None if t is None else t.to(device).expand(batch, -1, -1)
@@ -227,8 +216,8 @@ class Flux2LocalSampler(io.ComfyNode):
                     reference_latents=[r.to(device) for r in conditioning.reference_latents] or None,
                     width=width,
                     height=height,
-                    steps=steps,
-                    guidance=guidance,
+                    steps=plan.steps,
+                    guidance=guidance or None,
                     seed=seed,
                     noise=noise.to(device),
                     init_latents=None if init is None else init.to(device),

@@ -18,7 +18,6 @@ Flux2Vae = io.Custom("FLUX2LOCAL_VAE")
 Flux2Conditioning = io.Custom("FLUX2LOCAL_CONDITIONING")
 
 CATEGORY = "FLUX.2"
-MAX_REFERENCES = 10
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,7 @@ class Conditioning:
         reference_latents: normalised packed VAE latents, each (1, 128, h, w).
         context_dim: the text encoder's output width; must match the transformer's.
         encoder_kind: "mistral3" or "qwen3".
+        encoder_file: the text encoder's file (or folder), named when it does not fit the model.
         prompt: the prompt text that was encoded (after upsampling, if any).
     """
 
@@ -38,6 +38,7 @@ class Conditioning:
     negative_embeds: torch.Tensor | None
     context_dim: int
     encoder_kind: str
+    encoder_file: str = ""
     prompt: str = ""
     reference_latents: tuple[torch.Tensor, ...] = field(default_factory=tuple)
 

@@ -7,8 +7,10 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from ..flux2_core.sampling import DOWNSCALE
 from . import memory
-from .common import user_errors
+from .common import expect, image_batch, latent_samples, user_errors
+from .holders import ModuleHolder
 from .types import CATEGORY, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -71,14 +73,9 @@ class Flux2LocalVAEDecode(io.ComfyNode):
     @classmethod
     @user_errors
     def execute(cls, vae, samples, tiling) -> io.NodeOutput:
-        from ..flux2_core import InputError
-
-        latents = samples["samples"]
-        if latents.ndim != 4 or latents.shape[1] != 128:
-            raise InputError(
-                f"FLUX.2 VAE Decode: the latent has shape {tuple(latents.shape)}; FLUX.2 latents have 128 channels "
-                "(B, 128, H/16, W/16). Decode other models' latents with ComfyUI's VAE Decode."
-            )
+        where = "FLUX.2 VAE Decode"
+        expect(where, "vae", vae, ModuleHolder, "a FLUX.2 VAE Loader output")
+        latents = latent_samples(where, "samples", samples)  # other models' latents: ComfyUI's VAE Decode
         device = memory.compute_device()
         with vae.using(device):
             model = vae.prepare(device)
@@ -124,15 +121,19 @@ class Flux2LocalVAEEncode(io.ComfyNode):
     def execute(cls, vae, pixels, tiling) -> io.NodeOutput:
         from ..flux2_core import InputError
 
-        h, w = pixels.shape[1] // 16 * 16, pixels.shape[2] // 16 * 16
-        if h < 16 or w < 16:
+        where = "FLUX.2 VAE Encode"
+        expect(where, "vae", vae, ModuleHolder, "a FLUX.2 VAE Loader output")
+        image_batch(where, "pixels", pixels)
+        h, w = pixels.shape[1] // DOWNSCALE * DOWNSCALE, pixels.shape[2] // DOWNSCALE * DOWNSCALE
+        if h < DOWNSCALE or w < DOWNSCALE:
             raise InputError(
-                f"FLUX.2 VAE Encode: the image is {pixels.shape[2]}x{pixels.shape[1]}; it needs at least 16x16 pixels."
+                f"{where}: the image is {pixels.shape[2]}x{pixels.shape[1]}; it needs at least "
+                f"{DOWNSCALE}x{DOWNSCALE} pixels (one latent cell)."
             )
         device = memory.compute_device()
         with vae.using(device):
             model = vae.prepare(device)
-            # IMAGE (B, H, W, 3) in [0, 1] -> (B, 3, h, w) in [-1, 1], cropped to the 16-pixel grid.
+            # IMAGE (B, H, W, 3) in [0, 1] -> (B, 3, h, w) in [-1, 1], cropped to the latent grid.
             x = pixels[:, :h, :w, :3].movedim(-1, 1).to(device, next(model.parameters()).dtype) * 2.0 - 1.0
             with torch.inference_mode():
                 latents = _run_with_oom_fallback(model.encode, x, tiling, device)

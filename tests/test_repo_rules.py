@@ -59,3 +59,34 @@ def test_ruff_lint_and_format_clean():
         [ruff, "format", "--check", "--no-cache", "."], cwd=ROOT, capture_output=True, text=True
     )
     assert fmt.returncode == 0, "run `ruff format .`:\n" + fmt.stdout + fmt.stderr
+
+
+def test_no_citations_of_documents_outside_the_repository():
+    """Readers of the pack cannot open the planning documents or the tracker: state facts instead."""
+    import re
+
+    pattern = re.compile(
+        r"(flux2-spec|streaming|comfyui-integration|quantized-formats|lora-formats|users-and-ecosystem"
+        r"|offline-assets|style-anchors)\.md|shared/docs|\bissues? #?\d+",
+        re.IGNORECASE,
+    )
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    bad = []
+    for name in files.splitlines():
+        path = ROOT / name
+        if path == Path(__file__).resolve() or path.suffix not in {
+            ".py",
+            ".md",
+            ".sh",
+            ".toml",
+            ".txt",
+            ".json",
+            "",
+        }:
+            continue
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError):
+            continue
+        bad += [f"{name}:{i}" for i, line in enumerate(text.splitlines(), 1) if pattern.search(line)]
+    assert not bad, "cite upstream sources or state the fact instead: " + ", ".join(bad)

@@ -57,10 +57,6 @@ class CheckpointReader:
         for f in files:
             self.metadata.update(f.metadata)
 
-    @property
-    def is_folder(self) -> bool:
-        return os.path.isdir(self.path)
-
     def keys(self) -> list[str]:
         return list(self._key_to_file)
 
@@ -120,6 +116,21 @@ def _from_files(root: Path, paths: list[Path]) -> CheckpointReader:
     return CheckpointReader(root, files, key_to_file)
 
 
+def _check_shard_name(folder: Path, index_path: Path, name: object) -> None:
+    """A shard named by an index must be a file inside ``folder``: no absolute path, no ``..``.
+
+    The name is checked, not where it resolves to: Hugging Face cache snapshots keep their shards
+    as symbolic links into a ``blobs`` folder elsewhere, which is the user's own doing and fine.
+    """
+    parts = Path(name).parts if isinstance(name, str) and name else ()
+    if not parts or Path(name).is_absolute() or os.path.isabs(name) or ".." in parts:
+        raise CheckpointError(
+            index_path,
+            f"names the shard {name!r}, which is not a file inside {folder}.",
+            "Download the index JSON again; shard names must be file names inside the model folder.",
+        )
+
+
 def _from_index(folder: Path, index_path: Path) -> CheckpointReader:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
@@ -132,6 +143,8 @@ def _from_index(folder: Path, index_path: Path) -> CheckpointReader:
             "Download the index JSON again.",
         ) from None
     shard_names = sorted(set(weight_map.values()))
+    for s in shard_names:
+        _check_shard_name(folder, index_path, s)
     missing = [s for s in shard_names if not (folder / s).is_file()]
     if missing:
         raise CheckpointError(

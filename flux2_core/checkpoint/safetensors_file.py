@@ -10,6 +10,7 @@ dtype) is raised as a ``CheckpointError`` naming the file, before any tensor is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
+from .identity import FileIdentity, memory_map_default, record_opened
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,11 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _int_list(value: object) -> bool:
+    """True for a JSON list of integers (``bool`` is an ``int`` subclass in Python: refused too)."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
@@ -73,16 +80,24 @@ class SafetensorsFile:
 
     Args:
         path: the ``.safetensors`` file.
+        mmap: view tensors in the memory-mapped file (True) or read each into memory the process
+            owns (False); None takes the choice of the enclosing ``track_files`` block (default True).
+
+    Attributes:
+        identity: the file's ``FileIdentity`` when it was opened; every read checks it is unchanged.
+        header_digest: SHA-256 (hex) of the length prefix and header bytes.
 
     Raises:
         CheckpointError: the file is missing, empty, truncated, corrupt or uses an unknown dtype.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, mmap: bool | None = None):
         self.path = os.fspath(path)
+        self.mmap = memory_map_default() if mmap is None else bool(mmap)
         self._storage: torch.UntypedStorage | None = None
         self._map_failed = False
         self._infos, self.metadata, self._data_start = self._parse_header()
+        record_opened(self)
 
     # ----------------------------------------------------------------------------------- header
     def _fail(self, problem: str, fix: str | None = None) -> CheckpointError:
@@ -92,8 +107,10 @@ class SafetensorsFile:
 
     def _parse_header(self) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
         try:
-            size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
+                # The identity of the file actually opened (fstat), so a later replacement shows.
+                self.identity = FileIdentity.from_stat(os.fstat(f.fileno()))
+                size = self.identity.size
                 head = f.read(8)
                 if size == 0:
                     raise self._fail("the file is empty (0 bytes).")
@@ -115,6 +132,9 @@ class SafetensorsFile:
                 f"cannot read the file ({e.strerror or e}).",
                 "Check that the path exists and is readable.",
             ) from None
+        self.header_digest = hashlib.sha256(head + raw).hexdigest()
+        if len(raw) < n:
+            raise self._fail(f"the file ended while its {n}-byte header was read: it is truncated.")
         if raw[:1] != b"{":
             raise self._fail("the header is not JSON (not a safetensors file?).")
         try:
@@ -124,22 +144,58 @@ class SafetensorsFile:
         if not isinstance(header, dict):
             raise self._fail("the header JSON is not an object.")
         metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict):
-            raise self._fail("the header '__metadata__' entry is not an object.")
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise self._fail("the header '__metadata__' entry is not an object of strings.")
         data_start = 8 + n
         data_size = size - data_start
         infos: dict[str, TensorInfo] = {}
         for name, entry in header.items():
             infos[name] = self._check_entry(name, entry, data_start, data_size)
-        return infos, {str(k): v for k, v in metadata.items()}, data_start
+        self._check_layout(infos, data_start, data_size)
+        return infos, dict(metadata), data_start
+
+    def _check_layout(self, infos: dict[str, TensorInfo], data_start: int, data_size: int) -> None:
+        """The tensors tile the data section exactly, as the safetensors library requires.
+
+        Sorted by offset, each tensor starts where the previous one ended (no overlaps, no gaps),
+        the first at 0, and the last ends at the end of the file. Overlapping tensors would alias
+        each other's bytes; trailing bytes mean the file is not what its header describes.
+        """
+        at = data_start
+        for name, info in sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)):
+            if info.begin != at:
+                what = "overlaps the previous tensor" if info.begin < at else "leaves a gap before it"
+                raise self._fail(
+                    f"tensor '{name}' starts at data byte {info.begin - data_start}, which {what} "
+                    f"(expected {at - data_start})."
+                )
+            at = info.end
+        if at != data_start + data_size:
+            raise self._fail(
+                f"the file has {data_start + data_size - at} bytes after its last tensor, which the "
+                "header does not describe."
+            )
 
     def _check_entry(self, name: str, entry: object, data_start: int, data_size: int) -> TensorInfo:
         try:
             dtype_name = entry["dtype"]  # type: ignore[index]
-            shape = tuple(int(s) for s in entry["shape"])  # type: ignore[index]
-            begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-        except (TypeError, KeyError, ValueError):
+            shape = entry["shape"]  # type: ignore[index]
+            offsets = entry["data_offsets"]  # type: ignore[index]
+        except (TypeError, KeyError):
             raise self._fail(f"the header entry for tensor '{name}' is malformed.") from None
+        # JSON integers only: int(256.9) would silently read a different shape than the file states.
+        if (
+            not isinstance(dtype_name, str)
+            or not _int_list(shape)
+            or not _int_list(offsets)
+            or len(offsets) != 2
+        ):
+            raise self._fail(
+                f"the header entry for tensor '{name}' is malformed (dtype {dtype_name!r}, shape {shape!r}, "
+                f"data_offsets {offsets!r}; shapes and offsets must be lists of whole numbers)."
+            )
+        shape = tuple(shape)
+        begin, end = offsets
         dtype = _DTYPES.get(dtype_name)
         if dtype is None:
             raise CheckpointError(
@@ -193,28 +249,54 @@ class SafetensorsFile:
     def nbytes(self, key: str) -> int:
         return self.info(key).nbytes
 
+    def changed(self) -> str | None:
+        """How the file on disk changed since it was opened, or None while it is the same file."""
+        return self.identity.change_to(FileIdentity.of(self.path))
+
+    def check_unchanged(self) -> None:
+        """Raise a ``CheckpointError`` if the file was replaced, truncated or rewritten since opened.
+
+        Its header (and any view of its mapping) describes the file as it was: reading a changed
+        file would give other weights, or crash the process with SIGBUS past a truncated end.
+        """
+        change = self.changed()
+        if change is not None:
+            raise CheckpointError(
+                self.path,
+                f"{change} after it was opened; its tensors cannot be read any more.",
+                "Load the model again.",
+            )
+
     def _mapped(self) -> torch.UntypedStorage | None:
-        if self._storage is None and not self._map_failed:
+        if self._storage is None and not self._map_failed and self.mmap:
             try:
                 # shared=False maps the file privately (copy on write): pages are read lazily and a
                 # caller writing into a returned tensor never changes the file.
                 self._storage = torch.UntypedStorage.from_file(
-                    self.path, shared=False, nbytes=os.path.getsize(self.path)
+                    self.path, shared=False, nbytes=self.identity.size
                 )
             except (RuntimeError, OSError) as e:  # e.g. a platform without private file mappings
                 logger.warning("cannot memory-map %s (%s); reading tensors with copies", self.path, e)
                 self._map_failed = True
+            else:
+                # Mapped by name: make sure the name still led to the file whose header was parsed.
+                self.check_unchanged()
         return self._storage
 
     def get(self, key: str) -> torch.Tensor:
         """The tensor ``key`` as a CPU tensor viewing the memory-mapped file (no copy).
 
-        Falls back to a copy when the tensor's byte offset is not aligned to its element size, or
-        when the file cannot be memory-mapped.
+        Reads a copy into memory the caller owns instead when the file was opened with
+        ``mmap=False``, when the tensor's byte offset is not aligned to its element size, or when
+        the file cannot be memory-mapped.
+
+        Raises:
+            CheckpointError: the file changed on disk since it was opened.
         """
         info = self.info(key)
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        self.check_unchanged()
         storage = self._mapped()
         if storage is None:
             return self.read_into(key, torch.empty(info.shape, dtype=info.dtype))
@@ -243,6 +325,7 @@ class SafetensorsFile:
             return out.copy_(self.get(key))
         if info.nbytes == 0:
             return out
+        self.check_unchanged()
         buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         with open(self.path, "rb", buffering=0) as f:
             f.seek(info.begin)

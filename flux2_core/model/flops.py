@@ -4,7 +4,7 @@ Feeds `weight_streaming.StreamingConfig.block_flops`, from which the streamer es
 compute time with a matmul probe, so a card that cannot hold the model resident still gets plans
 ranked by modelled step time.
 
-Counting (../shared/docs/streaming.md section 1): a linear layer costs 2 x params x tokens FLOPs
+Counting: a linear layer costs 2 x params x tokens FLOPs
 (multiply + add), attention 4 x T^2 x H (QK^T and AV, each 2 x T^2 x head_dim per head). Layer norms,
 modulation, RoPE, QK-norm and SwiGLU gating are O(T x H) and left out (under 1% of the total).
 

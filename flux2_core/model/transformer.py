@@ -1,4 +1,4 @@
-"""The FLUX.2 transformer (all variants), after BFL's ``flux2/src/flux2/model.py``, written from the spec.
+"""The FLUX.2 transformer (all variants), after BFL's ``flux2/src/flux2/model.py``.
 
 Module names equal the BFL checkpoint keys, so BFL files load with an identity key map.
 """

@@ -1,8 +1,8 @@
 """The one thing the integrity check needs from a language model: next-token logits after a chat.
 
-``ChatModel`` is that interface; ``EncoderChat`` implements it on a loaded ``Flux2TextEncoder``
-with the parts prompt upsampling loads (all decoder layers, final norm, output head and, for
-Mistral Small 3.x, the Pixtral vision tower), reusing the upsampler's chat and image embedding.
+``ChatModel`` is that interface; ``EncoderChat`` implements it on the text encoder's
+``TextGenerator`` (``Flux2TextEncoder.generator()``: all decoder layers, final norm, output head and,
+for Mistral Small 3.x, the Pixtral vision tower), the same object prompt upsampling uses.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from typing import Protocol
 import torch
 
 from ..errors import CheckpointError
-from ..text_encoders.spec import MISTRAL3
 
 HEAD_FIX = (
     "The content filter's VLM check needs the encoder's language-model head (like prompt upsampling): "
@@ -49,32 +48,29 @@ class ChatModel(Protocol):
 
 
 class EncoderChat:
-    """``ChatModel`` over a loaded FLUX.2 text encoder (Mistral Small 3.x, or Qwen3 for text only).
+    """``ChatModel`` over a FLUX.2 text encoder's ``TextGenerator`` (Mistral Small 3.x, or Qwen3 for text).
 
-    Loads what generation needs on first use (``ensure_generation_ready``); a file without an
-    output head (ComfyUI's Mistral files) raises ``CheckpointError`` saying what to load instead.
+    Args:
+        model: a ``TextGenerator``, or a loaded ``Flux2TextEncoder`` whose generator is built here. A
+            file without an output head (ComfyUI's Mistral files) raises ``CheckpointError`` saying
+            what to load instead.
     """
 
-    def __init__(self, encoder):
-        try:
-            encoder.ensure_generation_ready()
-        except CheckpointError as e:
-            raise CheckpointError(e.path, e.problem, HEAD_FIX) from None
-        if encoder.lm_head is None:
-            raise CheckpointError(None, "the text encoder has no language-model head.", HEAD_FIX)
-        self.encoder = encoder
+    def __init__(self, model):
+        if hasattr(model, "generator") and not hasattr(model, "next_token_logits"):
+            try:
+                model = model.generator()
+            except CheckpointError as e:
+                raise CheckpointError(e.path, e.problem, HEAD_FIX) from None
+        self.generator = model
 
     @property
     def sees_images(self) -> bool:
-        return self.encoder.kind == MISTRAL3 and self.encoder.vision_tower is not None
+        return self.generator.sees_images
 
     def token_ids(self, text: str) -> list[int]:
-        return self.encoder.tokenizer.text_ids(text)
+        return self.generator.tokenizer.text_ids(text)
 
     @torch.inference_mode()
     def next_token_logits(self, system: str, user: str, images: Sequence | None = None) -> torch.Tensor:
-        from ..text_encoders.upsample import build_upsample_inputs
-
-        _, embeds = build_upsample_inputs(self.encoder, user, images, system=system)  # (1, L, hidden)
-        out = self.encoder.model(inputs_embeds=embeds, use_cache=False)  # all layers + final norm
-        return self.encoder.lm_head(out.last_hidden_state[:, -1]).float().cpu()[0]  # (vocab,)
+        return self.generator.next_token_logits(system, user, images)

@@ -1,27 +1,57 @@
-"""Schedule, token packing, reference preparation, the Euler sampler and the pipeline."""
+"""Schedule, token packing, reference preparation, run planning and the Euler sampler."""
 
 from .guidance import GuidancePlan, plan_guidance
-from .pipeline import Flux2Pipeline, generate
+from .pipeline import generate
+from .plan import (
+    SamplingPlan,
+    activation_bytes,
+    check_text_encoder,
+    plan_sampling,
+    reference_token_count,
+    text_encoder_kind,
+)
 from .references import fit_reference, prepare_reference_latents
 from .sampler import StepInfo, make_noise, sample_latents
 from .schedule import empirical_mu, flux2_sigmas
-from .tokens import image_ids, pack, reference_tokens, text_ids, unpack, validate_size
+from .tokens import (
+    DOWNSCALE,
+    LATENT_CHANNELS,
+    MAX_REFERENCES,
+    check_latents,
+    image_ids,
+    latent_shape,
+    pack,
+    reference_tokens,
+    text_ids,
+    unpack,
+    validate_size,
+)
 
 __all__ = [
-    "Flux2Pipeline",
+    "DOWNSCALE",
+    "LATENT_CHANNELS",
+    "MAX_REFERENCES",
     "GuidancePlan",
+    "SamplingPlan",
     "StepInfo",
+    "activation_bytes",
+    "check_latents",
+    "check_text_encoder",
     "empirical_mu",
     "fit_reference",
     "flux2_sigmas",
     "generate",
     "image_ids",
+    "latent_shape",
     "make_noise",
     "pack",
     "plan_guidance",
+    "plan_sampling",
     "prepare_reference_latents",
+    "reference_token_count",
     "reference_tokens",
     "sample_latents",
+    "text_encoder_kind",
     "text_ids",
     "unpack",
     "validate_size",

@@ -1,4 +1,4 @@
-"""End to end: references -> sampling -> VAE decode (``generate``) and the ``Flux2Pipeline`` object."""
+"""End to end: references -> sampling -> VAE decode (``generate``)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..model.transformer import Flux2Transformer
+from ..vae.model import Flux2VAE
 from .references import DEFAULT_PIXEL_BUDGET, prepare_reference_latents
 from .sampler import StepCallback, sample_latents
 from .tokens import DOWNSCALE
@@ -20,8 +22,8 @@ DEFAULT_SIZE = 1024
 
 def generate(
     *,
-    transformer,
-    vae,
+    transformer: Flux2Transformer,
+    vae: Flux2VAE,
     prompt_embeds: Tensor,
     negative_prompt_embeds: Tensor | None = None,
     reference_images: Sequence[Tensor] | None = None,
@@ -92,70 +94,3 @@ def generate(
         device=device,
     )
     return vae.decode(latents, tile=tile).clamp(-1.0, 1.0)
-
-
-class Flux2Pipeline:
-    """A FLUX.2 pipeline over precomputed prompt embeddings (or an optional text encoder).
-
-    Args:
-        transformer: a ``Flux2Transformer``.
-        vae: a ``Flux2VAE``.
-        text_encoder: optional object with ``.encode(list[str]) -> (B, L, context_dim)``; when given,
-            prompts may be strings and base models get the empty-prompt encoding as negative.
-        device: compute device (default: the device of the prompt embeddings).
-    """
-
-    def __init__(self, transformer, vae, text_encoder=None, device: torch.device | str | None = None):
-        self.transformer, self.vae, self.text_encoder, self.device = transformer, vae, text_encoder, device
-
-    def _embed(self, prompt: str | Sequence[str] | Tensor | None, name: str) -> Tensor | None:
-        if prompt is None or isinstance(prompt, Tensor):
-            return prompt
-        if self.text_encoder is None:
-            raise InputError(
-                f"{name} is text but this pipeline has no text encoder. Fix: pass "
-                "precomputed embeddings, or build Flux2Pipeline(..., text_encoder=...)."
-            )
-        return self.text_encoder.encode([prompt] if isinstance(prompt, str) else list(prompt))
-
-    def _needs_negative(self, guidance: float | None) -> bool:
-        from .guidance import plan_guidance
-
-        return plan_guidance(self.transformer.config, guidance).mode == "cfg"
-
-    def __call__(
-        self, prompt: str | Sequence[str] | Tensor, negative_prompt: str | Tensor | None = None, **kwargs
-    ) -> Tensor:
-        """Generate images; keyword arguments are those of ``generate`` (without the models).
-
-        Args:
-            prompt: (B, L, context_dim) embeddings, or text when a text encoder is attached.
-            negative_prompt: embeddings or text for base-model CFG; defaults to "" when a text encoder
-                is attached and CFG is active.
-
-        Returns:
-            (B, 3, H, W) images in [-1, 1].
-        """
-        pos = self._embed(prompt, "prompt")
-        if (
-            negative_prompt is None
-            and self.text_encoder is not None
-            and self._needs_negative(kwargs.get("guidance"))
-        ):
-            negative_prompt = [""] * pos.shape[0]
-        neg = self._embed(negative_prompt, "negative_prompt")
-        kwargs.setdefault("device", self.device)
-        return generate(
-            transformer=self.transformer,
-            vae=self.vae,
-            prompt_embeds=pos,
-            negative_prompt_embeds=neg,
-            **kwargs,
-        )
-
-    def sample_latents(self, prompt: str | Sequence[str] | Tensor, **kwargs) -> Tensor:
-        """Latents only (no references prepared, no decode); see ``sample_latents``."""
-        kwargs.setdefault("device", self.device)
-        return sample_latents(
-            transformer=self.transformer, prompt_embeds=self._embed(prompt, "prompt"), **kwargs
-        )

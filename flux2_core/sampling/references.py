@@ -1,5 +1,5 @@
 """Reference (editing / multi-reference) image preparation: resize to a pixel budget, crop to
-multiples of 16, VAE-encode to normalised packed latents (flux2-spec.md §7).
+multiples of 16, VAE-encode to normalised packed latents.
 
 Follows diffusers' FLUX.2 pipelines: each reference larger than the budget (default 1024^2 pixels)
 is scaled down keeping its aspect ratio, then each side is floored to a multiple of 16 by a centre

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import GenerationCancelled, InputError
+from ..model.transformer import Flux2Transformer
 from .guidance import GuidancePlan, plan_guidance
 from .schedule import flux2_sigmas
 from .tokens import (
@@ -60,11 +61,11 @@ def make_noise(shape: tuple[int, ...], seed: int, device: torch.device | str) ->
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
 
 
-def _check_embeds(name: str, embeds: Tensor, context_dim: int | None) -> None:
+def _check_embeds(name: str, embeds: Tensor, context_dim: int) -> None:
     if not isinstance(embeds, Tensor) or embeds.ndim != 3:
         shape = tuple(embeds.shape) if isinstance(embeds, Tensor) else type(embeds).__name__
         raise InputError(f"{name} must be a (B, L, context_dim) tensor, got {shape}.")
-    if context_dim is not None and embeds.shape[-1] != context_dim:
+    if embeds.shape[-1] != context_dim:
         raise InputError(
             f"{name} has feature width {embeds.shape[-1]} but the transformer expects "
             f"{context_dim}. Fix: use the text encoder that belongs to this FLUX.2 model."
@@ -91,7 +92,7 @@ class _Velocity:
 
     def __init__(
         self,
-        transformer,
+        transformer: Flux2Transformer,
         plan: GuidancePlan,
         txt: Tensor,
         neg: Tensor | None,
@@ -104,7 +105,7 @@ class _Velocity:
         self.txt_ids = text_ids(txt.shape[0], txt.shape[1], device)
         self.neg_ids = None if neg is None else text_ids(neg.shape[0], neg.shape[1], device)
         self.img_ids, self.refs = img_ids, refs
-        self.kv = bool(getattr(transformer.config, "kv_refs", False)) and refs is not None
+        self.kv = transformer.config.kv_refs and refs is not None
         self.caches: dict[str, object] = {}
         if self.kv:
             from ..kv_cache import Flux2KVCache
@@ -146,7 +147,7 @@ class _Velocity:
 
 def sample_latents(
     *,
-    transformer,
+    transformer: Flux2Transformer,
     prompt_embeds: Tensor,
     negative_prompt_embeds: Tensor | None = None,
     reference_latents: list[Tensor] | None = None,
@@ -191,7 +192,7 @@ def sample_latents(
     """
     validate_size(width, height)
     cfg = transformer.config
-    _check_embeds("prompt_embeds", prompt_embeds, getattr(cfg, "context_dim", None))
+    _check_embeds("prompt_embeds", prompt_embeds, cfg.context_dim)
     device = torch.device(device) if device is not None else prompt_embeds.device
     plan = plan_guidance(cfg, guidance)
     b = prompt_embeds.shape[0]
@@ -199,11 +200,11 @@ def sample_latents(
     if plan.mode == "cfg":
         if negative_prompt_embeds is None:
             raise InputError(
-                f"{getattr(cfg, 'variant', 'this model')} is a base (undistilled) model that "
+                f"{cfg.variant} is a base (undistilled) model that "
                 "needs true CFG: pass negative_prompt_embeds (the encoding of the empty prompt "
                 '"" if you have no negative prompt), or set guidance to 1 to disable CFG.'
             )
-        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, getattr(cfg, "context_dim", None))
+        _check_embeds("negative_prompt_embeds", negative_prompt_embeds, cfg.context_dim)
         _check_batch("negative_prompt_embeds", negative_prompt_embeds, b)
         neg = negative_prompt_embeds.to(device).expand(b, -1, -1)
 

@@ -1,4 +1,4 @@
-"""The FLUX.2 flow-matching sigma schedule (flux2-spec.md §6).
+"""The FLUX.2 flow-matching sigma schedule (as BFL's flux2 sampling code and diffusers' FLUX.2 pipelines).
 
 sigmas = linspace(1, 0, n + 1) warped by t -> e^mu / (e^mu + 1/t - 1), where mu comes from an
 empirical fit in the number of target image tokens and the number of steps.

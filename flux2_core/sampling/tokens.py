@@ -1,4 +1,4 @@
-"""Latent <-> token packing and the 4-axis (t, h, w, l) position ids (flux2-spec.md §2).
+"""Latent <-> token packing and the 4-axis (t, h, w, l) position ids (as BFL's and ComfyUI's FLUX.2).
 
 - text token i: (0, 0, 0, i)
 - target latent cell (r, c): (0, r, c, 0), row-major
@@ -19,6 +19,27 @@ LATENT_CHANNELS = 128
 DOWNSCALE = 16  # pixels per packed latent cell
 MIN_SIDE = 64
 MAX_PIXELS = 4 * 1024 * 1024
+TEXT_TOKENS = 512  # prompt embeddings are always padded or cut to 512 tokens
+
+
+def check_latents(latents: object, where: str) -> tuple[int, int]:
+    """Validate FLUX.2 packed latents (B, 128, H/16, W/16) and return their (width, height) in pixels.
+
+    Raises:
+        InputError: not a tensor, or another model's latent layout; the message names ``where``.
+    """
+    if not isinstance(latents, Tensor) or latents.ndim != 4 or latents.shape[1] != LATENT_CHANNELS:
+        shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
+        raise InputError(
+            f"{where}: the latent has shape {shape}; FLUX.2 latents are (B, {LATENT_CHANNELS}, H/16, W/16). "
+            "Fix: use FLUX.2 VAE Encode or EmptyFlux2LatentImage (other models' latents do not fit)."
+        )
+    return latents.shape[3] * DOWNSCALE, latents.shape[2] * DOWNSCALE
+
+
+def latent_shape(width: int, height: int, batch: int = 1) -> tuple[int, int, int, int]:
+    """(B, 128, H/16, W/16): the packed latent of an image of ``width`` x ``height`` pixels."""
+    return (batch, LATENT_CHANNELS, height // DOWNSCALE, width // DOWNSCALE)
 
 
 def validate_size(width: int, height: int) -> None:

@@ -1,12 +1,15 @@
 """A bounded LRU cache of prompt embeddings, shared by every loaded text encoder.
 
-Keys combine the encoder file identity (path, total size, newest mtime), the tokenizer, the prompt
-and every setting that changes the output (layers, length, dtype), so editing or replacing a file
-invalidates its entries while re-running a graph with the same prompt costs nothing.
+Keys combine the content identity of the encoder's files (device, inode, size, modification and
+change time, and a digest of each safetensors header), the digest of the tokenizer's bytes, the
+prompt and every setting that changes the output (layers, length, dtype). A file replaced or
+rewritten under the same name, even with the same size and a restored modification time, gets new
+entries, while re-running a graph with the same prompt costs nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -19,13 +22,20 @@ logger = logging.getLogger(__name__)
 
 
 def file_identity(paths: list[str | os.PathLike]) -> tuple:
-    """(paths, total size, newest mtime_ns) of the files behind an encoder."""
-    sizes, mtimes = 0, 0
-    for p in paths:
-        st = os.stat(p)
-        sizes += st.st_size
-        mtimes = max(mtimes, st.st_mtime_ns)
-    return (tuple(sorted(os.fspath(p) for p in paths)), sizes, mtimes)
+    """Content identity of the files behind an encoder, one entry per file in path order.
+
+    Each entry: (path, device, inode, size, mtime_ns, ctime_ns, SHA-256 of the 8-byte length prefix
+    and the header). The change time is set by the kernel on every write and cannot be restored.
+    """
+    out = []
+    for p in sorted(os.fspath(p) for p in paths):
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else 0
+            digest = hashlib.sha256(head + f.read(min(n, st.st_size))).hexdigest()
+        out.append((p, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, digest))
+    return tuple(out)
 
 
 class EmbeddingCache:
@@ -80,3 +90,18 @@ class EmbeddingCache:
 
 
 EMBEDDING_CACHE = EmbeddingCache()
+
+
+def clear_caches() -> int:
+    """Empty the shared embedding cache and the converted-tokenizer cache; returns entries dropped.
+
+    For a host application's "free memory" action: nothing cached outlives it.
+    """
+    from .tokenizer import clear_tokenizer_cache
+
+    n = len(EMBEDDING_CACHE)
+    EMBEDDING_CACHE.clear()
+    clear_tokenizer_cache()
+    if n:
+        logger.info("cleared %d cached prompt embeddings", n)
+    return n

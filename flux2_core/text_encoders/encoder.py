@@ -3,24 +3,57 @@
 ``encode`` embeds the tokens, runs decoder layers 1..N (N = 30 for Mistral, 27 for Qwen3) and
 concatenates the outputs of the three chosen layers per token; later layers, the final norm and the
 logits are never computed. The decoder layers are the streamable blocks (``model.layers``) that the
-weight-streaming manager pages in and out. Layers past N, the output head and the vision tower are
-loaded only when ``upsample`` needs them.
+weight-streaming manager pages in and out. The encoder is fixed once loaded: writing text
+(``generator()``, e.g. prompt upsampling) builds a separate ``TextGenerator`` that shares these
+layers and loads the later ones, the output head and the vision tower from the same checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import InputError
+from ..inputs import check_text
 from .cache import EMBEDDING_CACHE, EmbeddingCache
 from .spec import TextEncoderSpec
 from .tokenizer import PromptTokenizer
 
+if TYPE_CHECKING:
+    from .generator import GenerationParts, TextGenerator
+
 logger = logging.getLogger(__name__)
+
+
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype, implementation: str) -> torch.Tensor | None:
+    """The decoder layers' attention mask for a padded batch, built here rather than by transformers.
+
+    Query i sees key j when j <= i and key j is a token (not padding), as transformers' own
+    causal mask; building it here keeps the encoder independent of the signature of
+    ``transformers.masking_utils.create_causal_mask``, which changes between releases.
+
+    Args:
+        attention_mask: (B, L), 1 for tokens and 0 for padding.
+        dtype: the activations' dtype (for an additive mask).
+        implementation: the config's attention implementation ("sdpa", "eager", ...).
+
+    Returns:
+        None for SDPA when nothing is padded (SDPA's own causal path, as transformers does), a boolean
+        (B, 1, L, L) mask (True = attend) for SDPA, else an additive (B, 1, L, L) mask in ``dtype``.
+    """
+    keep = attention_mask.bool()
+    if implementation == "sdpa" and bool(keep.all()):
+        return None
+    n = keep.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=keep.device).tril()
+    mask = causal[None, None] & keep[:, None, None, :]  # (B, 1, L, L)
+    if implementation == "sdpa":
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class Flux2TextEncoder(nn.Module):
@@ -28,8 +61,7 @@ class Flux2TextEncoder(nn.Module):
 
     Built by ``load_text_encoder``; see there. Attributes: ``kind``, ``spec``, ``context_dim``,
     ``tokenizer`` (a ``PromptTokenizer``), ``model`` (transformers ``MistralModel``/``Qwen3Model``
-    whose ``layers`` hold only the layers that have been loaded), ``lm_head``, ``vision_tower`` and
-    ``multi_modal_projector`` (``None`` until ``upsample`` loads them).
+    whose ``layers`` hold only the layers FLUX.2 reads).
     """
 
     streamable_blocks = ("model.layers",)
@@ -47,18 +79,15 @@ class Flux2TextEncoder(nn.Module):
         self.kind = spec.kind
         self.model = model
         self.tokenizer = tokenizer
-        self.lm_head: nn.Module | None = None
-        self.vision_tower: nn.Module | None = None
-        self.multi_modal_projector: nn.Module | None = None
-        self.vlm_config = None  # transformers Mistral3Config once the vision tower is loaded
         self.identity = identity
         self.cache = cache
         self.checkpoint_layout: str | None = None  # set by the loader, e.g. "decoder", "hf-mistral3"
         self.quant: str | None = None  # None, "fp8" or "fp8-legacy"
         # ``read_into(param_name, out)`` over the checkpoint, for WeightStreamer(source=...); set by the loader.
         self.weight_source = None
-        # Set by the loader: loads layers past spec.layers_needed, the head and the vision tower.
-        self._complete_for_generation: Callable[[Flux2TextEncoder], None] | None = None
+        # Set by the loader: reads what writing text needs (layers past spec.layers_needed, the output
+        # head, the vision tower) from the checkpoint, anew on every call; see ``generator()``.
+        self.generation_source: Callable[[], GenerationParts] | None = None
         cfg = model.config
         if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
             raise ValueError("sliding-window attention layers are not supported for FLUX.2 text encoders")
@@ -86,15 +115,15 @@ class Flux2TextEncoder(nn.Module):
         spec = self.spec
         rows, masks = [], []
         for i, prompt in enumerate(prompts):
-            if not isinstance(prompt, str):
-                raise InputError(f"prompt {i} is a {type(prompt).__name__}, not text.")
-            ids = self.tokenizer.prompt_ids(prompt)
+            check_text("text encoder", f"prompt {i}", prompt)
+            ids = self.tokenizer.prompt_ids(prompt, max_length=spec.max_length)
             if len(ids) > spec.max_length:
                 logger.warning(
-                    "prompt %d is %d tokens long with its template; only the first %d are used "
-                    "(FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
+                    "prompt %d is longer than %d tokens with its template (%d characters); only the first "
+                    "%d are used (FLUX.2 reads %d tokens). Shorten the prompt to keep its end.",
                     i,
-                    len(ids),
+                    spec.max_length,
+                    len(prompt),
                     spec.max_length,
                     spec.max_length,
                 )
@@ -120,8 +149,6 @@ class Flux2TextEncoder(nn.Module):
         Returns:
             (B, L, 3 x hidden) in the model dtype, layer-major along the last axis.
         """
-        from transformers.masking_utils import create_causal_mask
-
         model = self.model
         wanted = set(self.spec.hidden_layers)
         n_run = self.spec.layers_needed
@@ -135,13 +162,7 @@ class Flux2TextEncoder(nn.Module):
         embeds = model.embed_tokens(input_ids)  # (B, L, H)
         # Positions 0..L-1 for every row, padding included: what the reference forward does.
         position_ids = torch.arange(input_ids.shape[1], device=device).unsqueeze(0)
-        mask = create_causal_mask(
-            config=model.config,
-            inputs_embeds=embeds,
-            attention_mask=attention_mask,
-            past_key_values=None,
-            position_ids=position_ids,
-        )
+        mask = causal_mask(attention_mask, embeds.dtype, model.config._attn_implementation)
         rope = model.rotary_emb(embeds, position_ids)
         h = embeds
         picked: dict[int, torch.Tensor] = {}
@@ -155,7 +176,7 @@ class Flux2TextEncoder(nn.Module):
         s = self.spec
         return (
             self.identity,
-            self.tokenizer.source,
+            self.tokenizer.identity,
             s.kind,
             s.hidden_layers,
             s.max_length,
@@ -199,44 +220,19 @@ class Flux2TextEncoder(nn.Module):
                     self.cache.put(self._cache_key(prompts[i]), out[j])
         return torch.stack(results)  # (B, 512, context_dim)
 
-    # ------------------------------------------------------------------------------- upsampling
-    def ensure_generation_ready(self) -> None:
-        """Load what generation needs beyond encoding (later layers, output head, vision tower)."""
-        if self._complete_for_generation is not None:
-            self._complete_for_generation(self)
-            self._complete_for_generation = None
+    # ------------------------------------------------------------------------------- generation
+    def generator(self) -> TextGenerator:
+        """A ``TextGenerator`` over this encoder's weights (prompt upsampling, questions about a prompt).
 
-    @property
-    def generation_ready(self) -> bool:
-        """True once what upsampling needs (later layers, output head, vision tower) is loaded."""
-        return self._complete_for_generation is None
+        Built anew on each call (keep it while needed): the later decoder layers, the output head and
+        the vision tower are read from the checkpoint; this encoder is not changed.
 
-    def upsample(
-        self,
-        prompt: str,
-        images: Sequence | None = None,
-        seed: int = 0,
-        max_new_tokens: int = 512,
-        temperature: float = 0.15,
-    ) -> str:
-        """Rewrite ``prompt`` into a more detailed one with the language model (BFL-style upsampling).
-
-        Args:
-            prompt: the user's prompt.
-            images: optional reference images (PIL images, HWC arrays or tensors in [0, 1]); Mistral
-                looks at them through its vision tower and writes an edit instruction; Qwen3 ignores them.
-            seed: sampling seed; the same seed gives the same text.
-            max_new_tokens: most tokens generated.
-            temperature: sampling temperature (BFL uses 0.15).
-
-        Returns:
-            The rewritten prompt.
+        Raises:
+            CheckpointError: the file cannot write text (see ``build_generator``).
         """
-        from .upsample import upsample_prompt
+        from .generator import build_generator
 
-        return upsample_prompt(
-            self, prompt, images=images, seed=seed, max_new_tokens=max_new_tokens, temperature=temperature
-        )
+        return build_generator(self)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ they run; the token embedding and norms are converted to the compute dtype.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from ..quant.swap import swap_linears
 from .cache import EMBEDDING_CACHE, file_identity
 from .encoder import Flux2TextEncoder
 from .fp8 import layer_format
+from .generator import GenerationParts
 from .gguf import GGUFTextReader, detect_gguf_layout, gguf_prompt_tokenizer
 from .layout import TextEncoderLayout, detect_layout
 from .spec import MISTRAL3, TextEncoderSpec
@@ -221,8 +223,8 @@ def load_text_encoder(
     encoder.checkpoint_format = "gguf" if isinstance(reader, GGUFTextReader) else layout.name
     encoder.quant_summary = _summary(reader, names)
     encoder.to(device)
-    encoder._complete_for_generation = _make_completer(
-        reader, layout, names, later, dtype, root, has_final_norm
+    encoder.generation_source = _generation_source(
+        reader, layout, names, later, dtype, root, has_final_norm, model.embed_tokens
     )
     encoder.weight_source = EncoderWeightSource(reader, names)
     logger.info(
@@ -284,7 +286,7 @@ class EncoderWeightSource:
             out.copy_(self.reader.get(key).reshape(out.shape).to(out.dtype))
 
 
-def _make_completer(
+def _generation_source(
     reader,
     layout: TextEncoderLayout,
     names: dict[str, str],
@@ -292,13 +294,15 @@ def _make_completer(
     dtype: torch.dtype,
     root: str,
     has_final_norm: bool,
+    embed_tokens: nn.Embedding,
 ):
-    """A one-shot loader of what generation needs on top of encoding."""
-    state = {"done": False}
+    """A loader of what writing text needs beyond encoding, run anew for every ``TextGenerator``.
 
-    def complete(encoder: Flux2TextEncoder) -> None:
-        if state["done"]:
-            return
+    ``later`` are the meta-device templates of the decoder layers past the encoder's; each call
+    assigns copies of them, so nothing loaded here outlives the generator that uses it.
+    """
+
+    def load() -> GenerationParts:
         if layout.kind == MISTRAL3 and layout.shape.num_hidden_layers < 40:
             raise CheckpointError(
                 root,
@@ -312,23 +316,22 @@ def _make_completer(
                 "has no final norm (model.norm.weight), so it cannot write text.",
                 "Use the complete text-encoder file for prompt upsampling.",
             )
-        model = encoder.model
-        device = encoder.device
-        first = len(model.layers)
-        for j, layer in enumerate(later):
+        first = layout.shape.num_hidden_layers - len(later)  # the encoder's layers come first
+        layers = copy.deepcopy(later)
+        for j, layer in enumerate(layers):
             _assign(layer, f"model.layers.{first + j}.", names, reader, dtype, root)
         head = nn.Linear(layout.shape.hidden_size, layout.shape.vocab_size, bias=False, device="meta")
         if "lm_head.weight" in names:
             _assign(head, "lm_head.", names, reader, dtype, root)
         elif layout.shape.tie_word_embeddings:
-            head.weight = model.embed_tokens.weight
+            head.weight = embed_tokens.weight  # Qwen3-4B: the output head is the embedding matrix
         else:
             raise CheckpointError(
                 root,
                 "has no output head (lm_head.weight), so it cannot write text.",
                 "Use the full model (e.g. the Hugging Face text_encoder/ folder) for upsampling.",
             )
-        vision = projector = None
+        parts = GenerationParts(later_layers=layers, lm_head=head)
         if layout.vlm_config is not None:
             from transformers import AutoModel, Mistral3Config
             from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
@@ -341,16 +344,7 @@ def _make_completer(
             _assign(vision, "vision_tower.", names, reader, dtype, root)
             _assign(projector, "multi_modal_projector.", names, reader, dtype, root)
             vision.patch_positional_embedding = type(vision.patch_positional_embedding)(vcfg.vision_config)
-            vision.eval().requires_grad_(False).to(device)
-            projector.eval().requires_grad_(False).to(device)
-            encoder.vlm_config = vcfg
-        model.layers.extend(later)
-        for layer in later:
-            layer.to(device)
-        encoder.lm_head = head.to(device).requires_grad_(False)
-        encoder.vision_tower = vision
-        encoder.multi_modal_projector = projector
-        state["done"] = True
-        later.clear()
+            parts.vision_tower, parts.multi_modal_projector, parts.vlm_config = vision, projector, vcfg
+        return parts
 
-    return complete
+    return load

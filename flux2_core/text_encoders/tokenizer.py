@@ -173,19 +173,31 @@ def qwen_tokenizer_from_vocab(vocab_path: str | os.PathLike, merges_path: str | 
     return tok
 
 
+# A prompt longer than this many characters per wanted token is first tokenized from a prefix
+# (real text averages about 4 characters per token; the prefix grows 4x while it falls short).
+_FIRST_PREFIX_CHARS_PER_TOKEN = 16
+# Ids past the wanted ones that the prefix must also give: the word the cut falls in may tokenize
+# differently from its whole, and that must stay beyond the ids that are kept.
+_CUT_MARGIN_TOKENS = 64
+
+
 class PromptTokenizer:
     """Renders FLUX.2 prompts (and upsampling chats) into token ids for one encoder family.
 
     Args:
         kind: ``"mistral3"`` or ``"qwen3"``.
         tokenizer: the underlying ``tokenizers.Tokenizer``.
-        source: where it was loaded from (for messages and cache keys).
+        source: where it was loaded from (for messages).
+        identity: SHA-256 (hex) of the bytes it was built from (for cache keys: a file replaced
+            under the same name is another tokenizer, identical bytes elsewhere the same one);
+            by default a digest of the tokenizer's own serialisation.
     """
 
-    def __init__(self, kind: str, tokenizer: Tokenizer, source: str):
+    def __init__(self, kind: str, tokenizer: Tokenizer, source: str, identity: str | None = None):
         self.kind = kind
         self.tokenizer = tokenizer
         self.source = source
+        self.identity = identity or hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
         if kind == MISTRAL3:
             # mistral-common never parses control tokens out of text: "[INST]" typed in a prompt is text.
             tokenizer.encode_special_tokens = True
@@ -207,12 +219,32 @@ class PromptTokenizer:
         """Ids of plain text (no BOS). Mistral never parses control tokens out of user text."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids if text else []
 
-    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: str, system: str | None = None, max_length: int | None = None) -> list[int]:
         """Unpadded ids of the FLUX.2 encoder input for ``prompt``.
 
         Mistral: ``<s>[SYSTEM_PROMPT]{system}[/SYSTEM_PROMPT][INST]{prompt}[/INST]`` with "[IMG]" removed
         from the prompt; Qwen3: the no-thinking chat template with one user turn.
+
+        Args:
+            prompt: the user's prompt.
+            system: Mistral's system prompt (default: FLUX.2's).
+            max_length: the caller keeps only this many ids. A longer prompt is then tokenized from
+                a growing prefix until that gives more ids than needed (plus a margin for the word
+                the cut falls in), so a huge prompt costs what its first tokens cost; the first
+                ``max_length`` ids are those of the whole prompt. More than ``max_length`` ids are
+                returned whenever the prompt is longer (the caller truncates and can warn).
         """
+        if max_length is None:
+            return self._prompt_ids(prompt, system)
+        chars = _FIRST_PREFIX_CHARS_PER_TOKEN * max_length
+        while chars < len(prompt):
+            ids = self._prompt_ids(prompt[:chars], system)
+            if len(ids) > max_length + _CUT_MARGIN_TOKENS:
+                return ids
+            chars *= 4
+        return self._prompt_ids(prompt, system)
+
+    def _prompt_ids(self, prompt: str, system: str | None) -> list[int]:
         if self.kind == MISTRAL3:
             from .spec import MISTRAL3_SYSTEM_PROMPT
 
@@ -264,9 +296,21 @@ class PromptTokenizer:
 _TEKKEN_CACHE: dict[str, Tokenizer] = {}
 
 
+def clear_tokenizer_cache() -> None:
+    """Forget the tokenizers converted from tekken JSON (they are rebuilt on the next load)."""
+    _TEKKEN_CACHE.clear()
+
+
+def _digest(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()
+
+
 def _tekken_cached(data: bytes, source: str) -> Tokenizer:
     """Converting tekken takes about a second: reuse tokenizers built from identical bytes."""
-    digest = hashlib.sha256(data).hexdigest()
+    digest = _digest(data)
     if digest not in _TEKKEN_CACHE:
         if len(_TEKKEN_CACHE) >= 4:
             _TEKKEN_CACHE.pop(next(iter(_TEKKEN_CACHE)))
@@ -274,8 +318,43 @@ def _tekken_cached(data: bytes, source: str) -> Tokenizer:
     return _TEKKEN_CACHE[digest]
 
 
-def _load_tekken_file(path: Path) -> Tokenizer:
-    return _tekken_cached(path.read_bytes(), str(path))
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(
+            path, f"cannot be read ({e.strerror or e}).", "Check that it exists and is readable."
+        ) from None
+
+
+_DAMAGED = "Download the tokenizer file again; it is damaged or incomplete."
+
+
+def _json_tokenizer(path: Path) -> tuple[Tokenizer, str, str]:
+    """(tokenizer, source, digest) from a Hugging Face ``tokenizer.json``; CheckpointError names the file."""
+    data = _read(path)
+    try:
+        return Tokenizer.from_str(data.decode("utf-8")), str(path), _digest(data)
+    except Exception as e:  # the tokenizers library raises plain Exceptions for broken JSON
+        raise CheckpointError(path, f"is not a usable tokenizer.json ({e}).", _DAMAGED) from None
+
+
+def _tekken_file(path: Path) -> tuple[Tokenizer, str, str]:
+    data = _read(path)
+    return _tekken_cached(data, str(path)), str(path), _digest(data)
+
+
+def _vocab_tokenizer(vocab: Path, merges: Path) -> tuple[Tokenizer, str, str]:
+    data = (_read(vocab), _read(merges))
+    try:
+        tok = qwen_tokenizer_from_vocab(vocab, merges)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            vocab, f"and {merges.name} are not a usable BPE vocabulary ({e}).", _DAMAGED
+        ) from None
+    return tok, str(vocab), _digest(*data)
 
 
 def _candidate_dirs(model_path: Path) -> list[Path]:
@@ -287,19 +366,38 @@ def _candidate_dirs(model_path: Path) -> list[Path]:
     return dirs
 
 
-def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str] | None:
+def _from_dir(kind: str, d: Path) -> tuple[Tokenizer, str, str] | None:
     if kind == MISTRAL3:
-        for name in ("tekken.json",):
-            if (d / name).is_file():
-                return _load_tekken_file(d / name), str(d / name)
+        if (d / "tekken.json").is_file():
+            return _tekken_file(d / "tekken.json")
         if (d / "tokenizer.json").is_file():
-            return Tokenizer.from_file(str(d / "tokenizer.json")), str(d / "tokenizer.json")
+            return _json_tokenizer(d / "tokenizer.json")
         return None
     if (d / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(d / "tokenizer.json")), str(d / "tokenizer.json")
+        return _json_tokenizer(d / "tokenizer.json")
     if (d / "vocab.json").is_file() and (d / "merges.txt").is_file():
-        return qwen_tokenizer_from_vocab(d / "vocab.json", d / "merges.txt"), str(d / "vocab.json")
+        return _vocab_tokenizer(d / "vocab.json", d / "merges.txt")
     return None
+
+
+_TOKENIZER_FILE_NAMES = ("tekken.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def tokenizer_files(
+    model_path: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    fallback_dirs: Sequence[str | os.PathLike] = (),
+) -> list[Path]:
+    """Every file ``load_prompt_tokenizer`` may read for these arguments, present or not.
+
+    For change detection: a tokenizer file that appears, disappears or changes in one of these
+    places can change which tokenizer is loaded.
+    """
+    if tokenizer is not None:
+        t = Path(tokenizer)
+        return [t / n for n in _TOKENIZER_FILE_NAMES] if t.is_dir() else [t, t.parent / "merges.txt"]
+    dirs = [*_candidate_dirs(Path(model_path)), *map(Path, fallback_dirs)]
+    return [d / n for d in dirs for n in _TOKENIZER_FILE_NAMES]
 
 
 def load_prompt_tokenizer(
@@ -331,12 +429,12 @@ def load_prompt_tokenizer(
         t = Path(tokenizer)
         if t.is_file():
             if t.name.endswith(".json") and kind == MISTRAL3 and t.name != "tokenizer.json":
-                return PromptTokenizer(kind, _load_tekken_file(t), str(t))
+                return PromptTokenizer(kind, *_tekken_file(t))
             if t.name == "vocab.json" and (t.parent / "merges.txt").is_file():
-                return PromptTokenizer(kind, qwen_tokenizer_from_vocab(t, t.parent / "merges.txt"), str(t))
-            return PromptTokenizer(kind, Tokenizer.from_file(str(t)), str(t))
+                return PromptTokenizer(kind, *_vocab_tokenizer(t, t.parent / "merges.txt"))
+            return PromptTokenizer(kind, *_json_tokenizer(t))
         if t.is_dir() and (found := _from_dir(kind, t)):
-            return PromptTokenizer(kind, found[0], found[1])
+            return PromptTokenizer(kind, *found)
         raise CheckpointError(
             t,
             "is not a usable tokenizer file or folder.",
@@ -345,12 +443,15 @@ def load_prompt_tokenizer(
         )
     if kind == MISTRAL3 and tekken_bytes is not None:
         return PromptTokenizer(
-            kind, _tekken_cached(tekken_bytes, str(model_path)), f"{model_path} (embedded tekken_model)"
+            kind,
+            _tekken_cached(tekken_bytes, str(model_path)),
+            f"{model_path} (embedded tekken_model)",
+            _digest(tekken_bytes),
         )
     for d in [*_candidate_dirs(model_path), *map(Path, fallback_dirs)]:
         looked.append(str(d))
         if d.is_dir() and (found := _from_dir(kind, d)):
-            return PromptTokenizer(kind, found[0], found[1])
+            return PromptTokenizer(kind, *found)
     wanted = (
         "tekken.json or tokenizer.json" if kind == MISTRAL3 else "tokenizer.json, or vocab.json + merges.txt"
     )

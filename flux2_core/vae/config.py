@@ -1,4 +1,4 @@
-"""Configuration of the FLUX.2 autoencoder (flux2-spec.md §5).
+"""Configuration of the FLUX.2 autoencoder.
 
 The published VAE is an LDM-style KL autoencoder: base width 128, multipliers (1, 2, 4, 4), 2 ResNet
 blocks per encoder level (3 per decoder level), 32 latent channels at 1/8 resolution. FLUX.2 then

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import torch
 
@@ -125,6 +127,8 @@ def load_vae(
         _refuse_foreign(where, list(bfl_names), lambda k: reader.shape(bfl_names[k]))
 
     cfg = infer_config(lambda k: reader.shape(bfl_names[k]), list(bfl_names), where)
+    if is_diffusers and os.path.isdir(reader.path):
+        cfg = apply_diffusers_config(cfg, Path(reader.path) / "config.json")
     with torch.device("meta"):
         model = Flux2VAE(cfg)
     own_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -160,6 +164,71 @@ def load_vae(
     model.checkpoint_format = fmt
     logger.info("loaded FLUX.2 VAE (%s layout, ch %d, %s) from %s", fmt, cfg.ch, dtype, where)
     return model
+
+
+def _config_checks(cfg: Flux2VAEConfig) -> dict[str, object]:
+    """diffusers ``AutoencoderKLFlux2`` config keys -> the value the weights (or this model) fix."""
+    same_decoder = cfg.decoder_widths == cfg.encoder_widths
+    return {
+        "latent_channels": cfg.z_channels,
+        "block_out_channels": list(cfg.encoder_widths),
+        "decoder_block_out_channels": None if same_decoder else list(cfg.decoder_widths),
+        "layers_per_block": cfg.num_res_blocks,
+        "patch_size": [cfg.patch, cfg.patch],
+        # what the architecture always has (other values would need another model)
+        "in_channels": 3,
+        "out_channels": 3,
+        "act_fn": "silu",
+        "mid_block_add_attention": True,
+        "use_quant_conv": True,
+        "use_post_quant_conv": True,
+    }
+
+
+def apply_diffusers_config(cfg: Flux2VAEConfig, config_path: Path) -> Flux2VAEConfig:
+    """Settings a diffusers ``vae/config.json`` holds that the weights' shapes cannot tell.
+
+    ``norm_num_groups`` and ``batch_norm_eps`` change the computation without changing any shape;
+    every other key is checked against the shapes (a config that contradicts the weights means a
+    mixed-up folder). Without a ``config.json`` the published defaults stay.
+
+    Raises:
+        CheckpointError: the JSON is broken, contradicts the weights, or asks for something this
+            model cannot do.
+    """
+    if not config_path.is_file():
+        return cfg
+    fix = "Download the VAE's config.json again, or remove it to use the published FLUX.2 settings."
+    try:
+        data = json.loads(config_path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(config_path, f"is not a readable diffusers config.json ({e}).", fix) from None
+    for key, expected in _config_checks(cfg).items():
+        if key not in data:
+            continue
+        value = list(data[key]) if isinstance(data[key], (list, tuple)) else data[key]
+        if key == "decoder_block_out_channels" and value == list(cfg.encoder_widths):
+            value = None  # the same as giving none
+        if value != expected:
+            raise CheckpointError(
+                config_path,
+                f"says {key} = {data[key]!r}, but the weights next to it (or this FLUX.2 VAE) have {expected!r}.",
+                fix,
+            )
+    groups = data.get("norm_num_groups", cfg.norm_groups)
+    eps = data.get("batch_norm_eps", cfg.bn_eps)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise CheckpointError(
+            config_path, f"has norm_num_groups = {groups!r}; expected a positive integer.", fix
+        )
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (math.isfinite(eps) and eps > 0):
+        raise CheckpointError(config_path, f"has batch_norm_eps = {eps!r}; expected a positive number.", fix)
+    try:
+        return cfg.replace(norm_groups=groups, bn_eps=float(eps))
+    except ValueError as e:
+        raise CheckpointError(config_path, f"has settings the weights do not allow: {e}", fix) from None
 
 
 def _diffusers_to_bfl_names(keys: list[str], levels: int, where: str) -> dict[str, str]:

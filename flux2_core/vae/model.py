@@ -1,7 +1,7 @@
-"""The FLUX.2 autoencoder: encoder, decoder and the normalised 128-channel latent (flux2-spec.md §5).
+"""The FLUX.2 autoencoder: encoder, decoder and the normalised 128-channel latent.
 
 Credit: architecture as described by BFL's ``flux2/autoencoder.py`` and diffusers'
-``AutoencoderKLFlux2``; written from the spec, module names equal the BFL checkpoint keys.
+``AutoencoderKLFlux2``; module names equal the BFL checkpoint keys.
 """
 
 from __future__ import annotations

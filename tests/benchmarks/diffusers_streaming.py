@@ -69,7 +69,7 @@ def diffusers_anchor(inputs, steps, bw, resident_step, small, materialize_random
         build_s=build_s,
         steps=[round(t, 4) for t in times],
         note="weights handed over already pinned (one pinned allocation per tensor), so load_s excludes the "
-        "90-108 s of pinning measured earlier (streaming.md section 8)",
+        "90-108 s that pinning them took in earlier measurements on this machine kind",
     )
     model = None  # noqa: F841 - drop the last reference before the next anchor
     gc.collect()

@@ -70,6 +70,18 @@ def test_comfyui_unload_all_reaches_our_idle_models(mm_and_memory):
     assert busy.offloaded == 0 and busy.on_gpu  # never evicted while a node is using it
 
 
+def test_unload_all_runs_the_registered_cache_clearers_on_any_device(mm_and_memory):
+    mm, memory, free, calls = mm_and_memory
+    cleared = []
+    memory.on_unload_all(lambda: cleared.append(1))
+    memory.on_unload_all(lambda: 1 / 0)  # a failing clearer never breaks ComfyUI's unloading
+    mm.free_memory(2 * GIB, CUDA)  # an ordinary request: caches stay
+    assert cleared == []
+    mm.unload_all_models()  # "Free model and node cache"; on --cpu its device is the CPU
+    assert cleared == [1]
+    assert calls[-1][0] == 1e30
+
+
 def test_enough_free_memory_keeps_our_models(mm_and_memory):
     mm, memory, free, calls = mm_and_memory
     holder = _holder(memory)

@@ -1,4 +1,5 @@
-"""Per-block FLOP counts against the counting rule of ../shared/docs/streaming.md section 1."""
+"""Per-block FLOP counts against the counting rule stated in flux2_core/model/flops.py (2 x params x
+tokens per linear layer, 4 x T^2 x H for attention)."""
 
 import pytest
 import torch

@@ -188,3 +188,97 @@ def test_read_into_pinned_and_cuda(tmp_path, tensors):
     on_gpu = torch.empty(t.shape, dtype=t.dtype, device="cuda")
     f.read_into("a.weight", on_gpu)
     assert torch.equal(on_gpu.cpu(), t)
+
+
+# Headers the safetensors library itself refuses or accepts: our validator must agree with it.
+_F32x2 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+_FORMAT_CASES = {
+    "overlapping_offsets": ({"a": _F32x2, "b": _F32x2}, 8),
+    "gap_between_tensors": (
+        {
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+        },
+        12,
+    ),
+    # int() of 256.9 is 256, and 256 x 192 float32 values are exactly what the offsets span
+    "float_shape": ({"a": {"dtype": "F32", "shape": [256.9, 192], "data_offsets": [0, 196608]}}, 196608),
+    "integral_float_shape": ({"a": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, 8),
+    "bool_shape": ({"a": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, 8),
+    "float_offset": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8.0]}}, 8),
+    "negative_shape": ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, 8),
+    "bytes_after_last_tensor": ({"a": _F32x2}, 12),
+    "non_string_metadata": ({"__metadata__": {"a": 1}, "a": _F32x2}, 8),
+    "shape_not_a_list": ({"a": {"dtype": "F32", "shape": 2, "data_offsets": [0, 8]}}, 8),
+    "three_offsets": ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8, 8]}}, 8),
+    # accepted by the library: listed so the comparison covers both answers
+    "tensors_out_of_file_order": (
+        {
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        },
+        8,
+    ),
+    "empty_tensors_share_an_offset": (
+        {
+            "e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+            "f": {"dtype": "F32", "shape": [3, 0], "data_offsets": [0, 0]},
+            "a": _F32x2,
+        },
+        8,
+    ),
+}
+
+
+def _library_accepts(path) -> bool:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        return True
+    except SafetensorError:
+        return False
+
+
+@pytest.mark.parametrize("case", sorted(_FORMAT_CASES))
+def test_validator_agrees_with_the_safetensors_library(tmp_path, case):
+    header, data_bytes = _FORMAT_CASES[case]
+    p = _raw(tmp_path / f"{case}.safetensors", json.dumps(header).encode(), b"\0" * data_bytes)
+    if _library_accepts(p):
+        f = SafetensorsFile(p)
+        assert sorted(f.keys()) == sorted(k for k in header if k != "__metadata__")
+        for k in f.keys():
+            assert f.get(k).shape == tuple(header[k]["shape"])
+    else:
+        with pytest.raises(CheckpointError) as e:
+            SafetensorsFile(p)
+        assert str(p) in str(e.value)
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_shard_index_cannot_name_files_outside_the_folder(tmp_path, tensors, shard):
+    outside = _write(tmp_path / "outside.safetensors", {"a.weight": tensors["a.weight"]})
+    folder = tmp_path / "model" / "transformer"
+    (folder / "sub").mkdir(parents=True)
+    name = str(outside) if shard == "ABSOLUTE" else shard
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": name}})
+    )
+    with pytest.raises(CheckpointError) as e:
+        open_checkpoint(folder)
+    assert name in str(e.value) and "inside" in str(e.value)
+
+
+def test_shards_may_be_symlinks_into_a_cache(tmp_path, tensors):
+    """Hugging Face cache snapshots hold shards as links to ../../blobs: names are checked, not targets."""
+    (tmp_path / "blobs").mkdir()
+    blob = _write(tmp_path / "blobs" / "0123abcd", {"a.weight": tensors["a.weight"]})
+    folder = tmp_path / "snapshots" / "rev" / "transformer"
+    folder.mkdir(parents=True)
+    (folder / "model-00001-of-00001.safetensors").symlink_to(blob)
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}})
+    )
+    assert torch.equal(_bytes(open_checkpoint(folder).get("a.weight")), _bytes(tensors["a.weight"]))

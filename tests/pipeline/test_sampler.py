@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from flux2_core import (
-    Flux2Pipeline,
     GenerationCancelled,
     InputError,
     flux2_sigmas,
@@ -333,22 +332,3 @@ def test_reference_fitting():
         fit_reference(torch.zeros(3, 40, 200))
     with pytest.raises(InputError, match="aspect ratio"):
         fit_reference(torch.zeros(3, 64, 600))
-
-
-def test_pipeline_object_encodes_empty_negative_for_base(vae):
-    class FakeTE:
-        def __init__(self):
-            self.seen = []
-
-        def encode(self, prompts):
-            self.seen.append(list(prompts))
-            return torch.full(
-                (len(prompts), 5, tiny_config("klein-base-4b").context_dim), float(len(prompts[0]))
-            )
-
-    te = FakeTE()
-    pipe = Flux2Pipeline(Recorder("klein-base-4b"), vae, text_encoder=te)
-    images = pipe("a cat", width=W, height=H, steps=1, seed=0)
-    assert images.shape == (1, 3, H, W) and te.seen == [["a cat"], [""]]
-    with pytest.raises(InputError, match="no text encoder"):
-        Flux2Pipeline(Recorder("klein-4b"), vae)("a cat", width=W, height=H)

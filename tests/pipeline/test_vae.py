@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flux2_core import CheckpointError, load_vae
-from flux2_core.tiny.vae import tiny_vae_state_dict
+from flux2_core.tiny.vae import tiny_vae_state_dict, write_tiny_vae
 from flux2_core.vae import Flux2VAEConfig, patchify, unpatchify
 from flux2_core.vae.tiling import resolve_tile
 
@@ -300,3 +300,48 @@ def test_encode_decode_parity_with_comfyui(tmp_path, vae, vae_files):
     out = load_file(str(tmp_path / "out.safetensors"))
     torch.testing.assert_close(out["latents"], lat, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out["images"], vae.decode(lat), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def other_settings_vae(tmp_path_factory):
+    """A diffusers vae/ folder whose config.json has non-default norm groups and batch-norm epsilon."""
+    cfg = Flux2VAEConfig.from_name("tiny").replace(norm_groups=16, bn_eps=1e-2)
+    root = tmp_path_factory.mktemp("vae_cfg") / "pipe" / "vae"
+    write_tiny_vae(root, "diffusers", seed=3, config=cfg)
+    return root
+
+
+def test_diffusers_config_json_is_read(other_settings_vae):
+    from diffusers import AutoencoderKLFlux2
+
+    ref = AutoencoderKLFlux2.from_pretrained(other_settings_vae).eval()
+    assert ref.config.norm_num_groups == 16 and ref.config.batch_norm_eps == 1e-2
+    ours = load_vae(other_settings_vae, dtype=torch.float32)
+    assert ours.config.norm_groups == 16 and ours.config.bn_eps == 1e-2
+    x = _images(b=1)
+    lat = ours.encode(x)
+    torch.testing.assert_close(lat, _diffusers_encode(ref, x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.decode(lat), _diffusers_decode(ref, lat), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("layers_per_block", 3),
+        ("latent_channels", 16),
+        ("block_out_channels", [32, 64, 64, 64]),
+        ("act_fn", "gelu"),
+    ],
+)
+def test_diffusers_config_that_contradicts_the_weights_is_refused(other_settings_vae, tmp_path, key, value):
+    import json
+    import shutil
+
+    folder = tmp_path / "vae"
+    shutil.copytree(other_settings_vae, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as e:
+        load_vae(folder, dtype=torch.float32)
+    assert "config.json" in str(e.value) and key in str(e.value)

@@ -67,19 +67,19 @@ def test_no_judge_passes_prompt_and_images(judge_encoder):
 
 
 def test_logits_match_transformers_for_text_and_image(random_mistral):
-    """Our chat (upsampler's embedding, full decoder, head) against transformers' own model forward."""
-    from flux2_core.text_encoders.upsample import build_upsample_inputs, prepare_vlm_image
+    """Our chat (the generator's embedding, full decoder, head) against transformers' own model forward."""
+    from flux2_core.text_encoders.vlm_images import prepare_vlm_image
     from flux2_core.tiny.text_encoder import tiny_reference_model
 
     ref = tiny_reference_model("mistral3", seed=4)
     chat = EncoderChat(random_mistral)
     user = TEXT_QUESTION.format(prompt="a lighthouse at dusk")
-    ids, _ = build_upsample_inputs(random_mistral, user, system=SYSTEM_PROMPT)
+    ids, _ = chat.generator.chat_inputs(SYSTEM_PROMPT, user)
     with torch.no_grad():
         expected = ref(input_ids=torch.tensor([ids])).logits[0, -1]
     torch.testing.assert_close(chat.next_token_logits(SYSTEM_PROMPT, user), expected, atol=2e-4, rtol=1e-4)
     picture = np.array(_image(5))  # (H, W, 3) uint8
-    ids, _ = build_upsample_inputs(random_mistral, IMAGE_QUESTION, [picture], system=SYSTEM_PROMPT)
+    ids, _ = chat.generator.chat_inputs(SYSTEM_PROMPT, IMAGE_QUESTION, [picture])
     pixels = prepare_vlm_image([picture], unit=28)
     with torch.no_grad():
         expected = ref(

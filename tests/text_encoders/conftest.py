@@ -110,18 +110,17 @@ def encoder(tiny_file, qwen_tokenizer_dir):
 
 
 @pytest.fixture(scope="session")
-def full_encoder(tiny_file):
-    """full(kind) -> float32 encoder of the tiny HF folder with every layer, the head and vision loaded."""
+def generator(tiny_file):
+    """gen(kind) -> float32 TextGenerator of the tiny HF folder (every layer, the head, vision)."""
     loaded: dict[str, object] = {}
 
-    def full(kind: str):
+    def gen(kind: str):
         if kind not in loaded:
             enc = load_text_encoder(tiny_file(kind, "hf"), dtype=torch.float32, cache=None)
-            enc.ensure_generation_ready()
-            loaded[kind] = enc
+            loaded[kind] = enc.generator()
         return loaded[kind]
 
-    return full
+    return gen
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from flux2_core.text_encoders import load_text_encoder
+
 PROMPTS = ["a red fox in the snow, photo", ""]
 
 
@@ -16,7 +18,7 @@ def test_stacked_states_equal_transformers_full_model(kind, encoder, reference, 
     """Our truncated run (30 / 27 layers) equals hidden_states[...] of the full 40 / 36-layer model."""
     enc = encoder(kind, "hf")
     assert len(enc.model.layers) == enc.spec.layers_needed  # truncated before running
-    assert enc.lm_head is None
+    assert not any(n.startswith(("lm_head", "vision")) for n, _ in enc.named_parameters())  # encoding only
     ids, mask = enc.tokenize(PROMPTS)
     expected = ref_stack(reference(kind), ids, mask, enc.spec.hidden_layers)
     assert reference(kind).config.get_text_config().num_hidden_layers == (40 if kind == "mistral3" else 36)
@@ -38,14 +40,15 @@ def test_independent_transformers_load_of_the_hf_folder(tiny_file, encoder, ref_
     assert_close(enc.encode(["a lighthouse"]), ref_stack(ref, ids, mask, (10, 20, 30)))
 
 
-def test_untruncated_model_gives_the_same_states(full_encoder, reference, ref_stack):
-    """With every layer loaded (as after upsampling) the encoder still stops at layer 27 and agrees."""
-    enc = full_encoder("qwen3-4b")
-    assert len(enc.model.layers) == 36
+def test_encoding_after_a_generator_was_built_runs_only_the_encoder_layers(tiny_file, reference, ref_stack):
+    """A generator shares the encoder's layers and adds more; encoding still stops at layer 27 and agrees."""
+    enc = load_text_encoder(tiny_file("qwen3-4b", "hf"), dtype=torch.float32, cache=None)
+    gen = enc.generator()
+    assert len(gen.layers) == 36 and len(enc.model.layers) == 27
     calls = []
     hooks = [
         layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
-        for i, layer in enumerate(enc.model.layers)
+        for i, layer in enumerate(gen.layers)
     ]
     ids, mask = enc.tokenize(PROMPTS)
     out = enc.encode(PROMPTS)
@@ -141,3 +144,63 @@ def test_bf16_encode_close_to_fp32(tiny_file, encoder):
     assert out16.dtype == torch.bfloat16
     ref = encoder("qwen3-4b", "hf").encode("a cat")
     assert_close(out16.float(), ref, atol=0.15, rtol=0.1)
+
+
+class _LengthSpy:
+    """Wraps a tokenizers.Tokenizer and records the length of every text it is asked to encode."""
+
+    def __init__(self, inner):
+        self.inner, self.lengths = inner, []
+
+    def encode(self, text, *args, **kwargs):
+        self.lengths.append(len(text))
+        return self.inner.encode(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "qwen3-4b"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda n: " ".join(f"word{i % 997}, the fox" for i in range(n // 16))[:n],
+        lambda n: "a" * n,  # one endless word: a single pre-token
+        lambda n: ("🦊 東京 " * n)[:n],
+    ],
+    ids=["words", "one-word", "wide-characters"],
+)
+def test_huge_prompt_is_cut_before_tokenizing_and_gives_the_same_tokens(kind, make, encoder, monkeypatch):
+    enc = encoder(kind, "hf")
+    spec = enc.spec
+    moderate = make(40_000)  # tokenized whole, for the expected ids
+    expected = enc.tokenizer.prompt_ids(moderate)[: spec.max_length]
+    assert len(expected) == spec.max_length
+    spy = _LengthSpy(enc.tokenizer.tokenizer)
+    monkeypatch.setattr(enc.tokenizer, "tokenizer", spy)
+    ids, mask = enc.tokenize([moderate])
+    assert ids[0].tolist() == expected and bool(mask.all())
+    huge = make(10_000_000)
+    assert huge[:40_000] == moderate
+    spy.lengths.clear()
+    ids, _ = enc.tokenize([huge])
+    assert ids[0].tolist() == expected
+    assert max(spy.lengths) < 200_000, spy.lengths  # never the 10 million characters
+
+
+@pytest.mark.parametrize("kind", ["mistral3", "qwen3-4b"])
+def test_no_deprecated_transformers_api(kind, tiny_file, ref_stack, reference):
+    """transformers announces removals with FutureWarning/DeprecationWarning (e.g. create_causal_mask's
+    past_key_values, removed in 5.40): as errors here, CI fails before a release breaks the encoder."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        enc = load_text_encoder(tiny_file(kind, "hf"), dtype=torch.float32, cache=None)
+        ids, mask = enc.tokenize(["a cat", "a much longer prompt about a dog on a beach"])  # padded rows
+        out = enc.hidden_states(ids, mask)
+        gen = enc.generator()  # and writing text: the KV-cached decoder loop
+        written = gen.generate_ids(gen.chat_inputs("system", "a cat")[1], max_new_tokens=3, temperature=0)
+    assert_close(out, ref_stack(reference(kind), ids, mask, enc.spec.hidden_layers))
+    assert len(written) == 3

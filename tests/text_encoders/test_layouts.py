@@ -71,12 +71,12 @@ def test_pruned_file_has_30_layers_and_cannot_upsample(encoder):
     enc = encoder("mistral3", "comfyui-pruned")
     assert enc.model.config.num_hidden_layers == 30
     with pytest.raises(CheckpointError, match="pruned 30-layer"):
-        enc.upsample("a cat", max_new_tokens=2)
+        enc.generator()
 
 
 def test_file_without_head_cannot_upsample(encoder):
     with pytest.raises(CheckpointError, match="no output head"):
-        encoder("mistral3", "comfyui").upsample("a cat", max_new_tokens=2)
+        encoder("mistral3", "comfyui").generator()
 
 
 def test_config_inferred_from_shapes(encoder):

@@ -34,20 +34,22 @@ def test_weight_source_reads_file_tensors(encoder):
     assert_close(raw.float(), param)
 
 
-def test_streamed_encoder_with_generation_parts_upsamples_like_resident(tiny_file):
-    """Upsampling loads later layers and the head; loaded before attaching, the streamer pages them too."""
+def test_streamed_generator_upsamples_like_resident(tiny_file):
+    """The generator's decoder layers are streamable blocks too: paged, it writes the same text."""
     from flux2_core import load_text_encoder
 
     enc = load_text_encoder(tiny_file("qwen3-4b", "hf"), dtype=torch.float32, cache=None)
-    assert not enc.generation_ready
-    enc.ensure_generation_ready()
-    assert enc.generation_ready
-    expected = enc.upsample("a cat", seed=3, max_new_tokens=8)
-    block = sum(p.numel() * p.element_size() for p in enc.model.layers[0].parameters())
-    fixed = sum(p.numel() * p.element_size() for n, p in enc.named_parameters() if ".layers." not in n)
-    streamer = WeightStreamer(enc, StreamingConfig(vram_budget=fixed + 8 * block), device="cpu")
-    streamer.attach()
+    gen = enc.generator()
+    expected = gen.upsample("a cat", seed=3, max_new_tokens=8)
+    block = sum(p.numel() * p.element_size() for p in gen.layers[0].parameters())
+    fixed = sum(
+        p.numel() * p.element_size() for n, p in gen.named_parameters() if not n.startswith("layers.")
+    )
+    streamer = WeightStreamer(gen, StreamingConfig(vram_budget=fixed + 8 * block), device="cpu")
+    plan = streamer.attach()
     try:
-        assert enc.upsample("a cat", seed=3, max_new_tokens=8) == expected
+        assert len(plan.resident) == 36 and 0 < sum(plan.resident) < 36
+        assert gen.upsample("a cat", seed=3, max_new_tokens=8) == expected
     finally:
         streamer.detach()
+    assert enc.encode("a cat", use_cache=False).shape == (1, 512, enc.context_dim)  # encoder intact

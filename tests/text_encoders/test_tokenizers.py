@@ -177,3 +177,20 @@ def test_mistral_tokenizer_json_from_transformers_converter(tekken, tekken_path,
         rendered == f"<s>[SYSTEM_PROMPT]{MISTRAL3_SYSTEM_PROMPT}[/SYSTEM_PROMPT][INST]a cat on a mat[/INST]"
     )
     assert hf(rendered, add_special_tokens=False)["input_ids"] == tekken.prompt_ids("a cat on a mat")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not json"])
+def test_damaged_tokenizer_files_name_the_file(qwen_tokenizer_dir, tmp_path, damage):
+    data = (qwen_tokenizer_dir / "tokenizer.json").read_bytes()
+    broken = tmp_path / "tok" / "tokenizer.json"
+    broken.parent.mkdir()
+    broken.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"\x00\xff garbage")
+    for where in (broken, broken.parent):  # the file itself or its folder
+        with pytest.raises(CheckpointError) as e:
+            load_prompt_tokenizer("qwen3", tmp_path / "model.safetensors", tokenizer=where)
+        assert str(broken) in str(e.value) and "Fix:" in str(e.value)
+    # found next to the model, too
+    model = broken.parent / "model.safetensors"
+    with pytest.raises(CheckpointError) as e:
+        load_prompt_tokenizer("qwen3", model)
+    assert str(broken) in str(e.value)

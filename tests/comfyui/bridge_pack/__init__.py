@@ -5,7 +5,12 @@ BasicGuider + SamplerCustomAdvanced. ComfyUI's native CLIPLoader cannot load our
 encoders (it detects Mistral/Qwen3 by their real sizes), so both paths get the embeddings that
 FLUX.2 Encode Prompt produced, converted here into a native CONDITIONING. Linked into custom_nodes
 by tests/comfyui/conftest.py only; never shipped.
+
+Flux2LocalTestTruncateFile truncates a file between two nodes of one prompt (after the loader ran,
+before the sampler uses the model), which no HTTP request can time reliably.
 """
+
+import os
 
 from comfy_api.latest import ComfyExtension, io
 
@@ -33,9 +38,29 @@ class Flux2LocalTestToNativeConditioning(io.ComfyNode):
         return io.NodeOutput([[embeds.float(), extra]])
 
 
+class Flux2LocalTestTruncateFile(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Flux2LocalTestTruncateFile",
+            category="FLUX.2/testing",
+            inputs=[
+                io.Custom("FLUX2LOCAL_MODEL").Input("model"),
+                io.String.Input("path"),
+                io.Float.Input("fraction", default=0.5, min=0.0, max=1.0),
+            ],
+            outputs=[io.Custom("FLUX2LOCAL_MODEL").Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, path, fraction) -> io.NodeOutput:
+        os.truncate(path, int(os.path.getsize(path) * fraction))
+        return io.NodeOutput(model)
+
+
 class _Extension(ComfyExtension):
     async def get_node_list(self):
-        return [Flux2LocalTestToNativeConditioning]
+        return [Flux2LocalTestToNativeConditioning, Flux2LocalTestTruncateFile]
 
 
 async def comfy_entrypoint():
