@@ -152,8 +152,16 @@ class ModuleHolder(memory.GpuHolder):
         return module
 
     def _place(self, device, activation_bytes, block_flops, lora_bytes=0) -> nn.Module:
-        if not memory.is_compute_device(device) or (self.on_gpu and memory.same_device(self.device, device)):
+        if not memory.is_compute_device(device):
             return self.module
+        if self.on_gpu and memory.same_device(self.device, device):
+            if self._room_beside(device, activation_bytes):
+                return self.module
+            # E.g. a 4 MP run after a 1 MP one: plan again, for these activations.
+            log.info(
+                "Flux2Local: %s leaves too little room for this run's activations; placing it anew",
+                self.label,
+            )
         self.offload()
         budget = max(0, self._budget(device, activation_bytes) - lora_bytes)
         if self.streaming is None or self.total_bytes <= budget:
@@ -166,6 +174,22 @@ class ModuleHolder(memory.GpuHolder):
         self.device = device
         self.on_stand_in = device.type == "cpu"
         return self.module
+
+    def _room_beside(self, device: torch.device, activation_bytes: int) -> bool:
+        """Whether the weights as placed leave ``activation_bytes`` free (idle models give way first).
+
+        Only asked with an "auto" weight budget: a budget the user set is kept as it is.
+        """
+        if self.streaming is None or self.streaming.vram_budget_gb > 0 or activation_bytes <= 0:
+            return True
+
+        def room() -> bool:
+            return memory.free_vram(device) - memory.inference_reserve(device) >= activation_bytes
+
+        if room():
+            return True
+        memory.make_room(activation_bytes, device)
+        return room()
 
     def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:

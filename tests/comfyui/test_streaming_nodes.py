@@ -29,6 +29,7 @@ KLEIN = WORKFLOWS / "flux2_klein_4b_text_to_image.api.json"
 STAND_IN_VRAM = 21_000_000
 TRANSFORMER_BUDGET_GB = 0.01
 TEXT = 3  # ComfyUI's BinaryEventTypes.TEXT (send_progress_text)
+MIB = 1 << 20
 
 
 def _prompt(seed: int, text: str, budget: float = TRANSFORMER_BUDGET_GB) -> dict:
@@ -76,8 +77,19 @@ def _memory(server) -> dict:
     return server.get_json("/flux2local_test/memory")
 
 
-def _holder(report: dict, label_start: str) -> dict:
-    (h,) = [h for h in report["holders"] if h["label"].startswith(label_start) and h["streamer"] is not None]
+def _holders(report: dict, label_start: str, budget: float | None) -> list[dict]:
+    """Holders (with a streamer) whose label starts so; transformers by their loader's VRAM budget."""
+    return [
+        h
+        for h in report["holders"]
+        if h["label"].startswith(label_start)
+        and h["streamer"] is not None
+        and (budget is None or h["vram_budget_gb"] == budget)
+    ]
+
+
+def _holder(report: dict, label_start: str, budget: float | None = TRANSFORMER_BUDGET_GB) -> dict:
+    (h,) = _holders(report, label_start, budget if label_start == "FLUX.2" else None)
     return h
 
 
@@ -260,3 +272,42 @@ def test_disable_pinned_memory_and_disable_mmap_stream_from_owned_pageable_memor
         )
     finally:
         server.stop()
+
+
+def test_4_megapixels_plan_activations_and_tile_the_decode(streamed):
+    """2048 x 2048 end to end: the sampler keeps the activations' room free (at 4 MP the tiny
+    transformer no longer fits beside them and streams), the decode asks for its own and the idle
+    transformer gives way, the decode tiles; the picture comes out whole."""
+    from flux2_core import Flux2Config, plan_sampling
+
+    cfg = Flux2Config.from_name("klein-4b").replace(hidden_size=256, num_heads=2, depth=2, depth_single=2)
+    act = {side: plan_sampling(cfg, side, side).activation_bytes for side in (1024, 2048)}
+    vram = act[2048] + 8 * MIB  # small runs: room for all 12.9 MB of weights; 4 MP: 8 MiB of them
+    assert act[1024] + 40 * MIB < vram
+    streamed.post_json("/free", {"unload_models": True, "free_memory": False})
+    status, body = streamed.post_json("/flux2local_test/stand_in", {"vram": vram})
+    try:
+        small = _prompt(seed=601, text="a small lighthouse", budget=0.0)  # 0 = auto: what the card allows
+        _image(streamed, small)
+        report = _memory(streamed)
+        assert not _holders(report, "FLUX.2", 0.0)  # resident for a small image: no streamer
+        assert [
+            h["placed"]
+            for h in report["holders"]
+            if h["label"].startswith("FLUX.2") and h["vram_budget_gb"] == 0.0
+        ] == [True]
+        big = _prompt(seed=602, text="a big lighthouse", budget=0.0)
+        nodes_of(big, "Flux2LocalSampler")[0]["inputs"].update(width=2048, height=2048, steps=1)
+        nodes_of(big, "Flux2LocalVAEDecode")[0]["inputs"]["tiling"] = "512"  # CPU: small tiles are fastest
+        image = _image(streamed, big)
+    finally:
+        _stand_in(streamed)
+    assert image.shape == (2048, 2048, 3) and image.std() > 0
+    report = _memory(streamed)
+    transformer = _holder(report, "FLUX.2", budget=0.0)
+    log = streamed.log_path.read_text(errors="replace")
+    # 4 MP: the resident placement left too little room, the activations took the weights' room and
+    # the model streamed; then the decode's request for room offloaded it (its pins kept).
+    assert "FLUX.2 custom leaves too little room for this run's activations" in log
+    assert not transformer["placed"] and transformer["streamer"]["kept_pinned_bytes"] > 0
+    assert "VAE ran out of memory" not in log

@@ -167,6 +167,7 @@ async def memory_report(request):
         holders.append(
             {
                 "label": getattr(h, "label", type(h).__name__),
+                "vram_budget_gb": getattr(getattr(h, "streaming", None), "vram_budget_gb", None),
                 "placed": h.on_gpu,
                 "streamer": None
                 if streamer is None
