@@ -51,6 +51,8 @@ async def comfy_entrypoint() -> Flux2LocalExtension:
 
     # Not in ComfyExtension.on_load: ComfyUI 0.3.64 never calls it.
     memory.install_hooks()
+    # ComfyUI's own pinned bytes count against our pinned limit; "unload all" releases kept pins.
+    memory.configure_host_memory()
     # "Free model and node cache" must not leave prompt embeddings or tokenizers behind.
     memory.on_unload_all(clear_caches)
     return Flux2LocalExtension()

@@ -210,7 +210,8 @@ class Flux2LocalSampler(io.ComfyNode):
 
             with _interruptible_blocks(transformer):
                 samples = sample_latents(
-                    transformer=transformer,
+                    # Each forward through the streamer's out-of-memory relief (when streamed).
+                    transformer=model.guarded(transformer),
                     prompt_embeds=dev(conditioning.prompt_embeds),
                     negative_prompt_embeds=dev(conditioning.negative_embeds),
                     reference_latents=[r.to(device) for r in conditioning.reference_latents] or None,
