@@ -239,3 +239,7 @@ class GeneratorHolder(ModuleHolder):
     def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
         self.encoder.offload()
         return super().prepare(device, *args, **kwargs)
+
+
+# What a FLUX2LOCAL_MODEL socket carries: the Model Loader's holder or a LoRA Loader's.
+MODEL_HOLDERS = (ModuleHolder, LoRAModelHolder)

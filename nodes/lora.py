@@ -9,7 +9,8 @@ from collections import OrderedDict
 import folder_paths
 from comfy_api.latest import io
 
-from .common import resolve_model_path, user_errors
+from .common import expect, resolve_model_path, user_errors
+from .holders import MODEL_HOLDERS
 from .types import CATEGORY, Flux2Model
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Flux2LocalLoRALoader(io.ComfyNode):
     def execute(cls, model, lora_name, strength) -> io.NodeOutput:
         from ..flux2_core.lora import check_lora_fits
 
+        expect(
+            "FLUX.2 LoRA Loader", "model", model, MODEL_HOLDERS, "a FLUX.2 Model Loader or LoRA Loader output"
+        )
         lora = _load(resolve_model_path("loras", lora_name))
         check_lora_fits(model.module, lora)  # a LoRA for another model fails here, not in the sampler
         log.info(

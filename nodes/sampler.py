@@ -19,7 +19,7 @@ except ImportError:
 from ..flux2_core.sampling import DOWNSCALE
 from . import memory
 from .common import expect, latent_samples, user_errors
-from .holders import ModuleHolder
+from .holders import MODEL_HOLDERS
 from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2Model
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Flux2LocalSampler(io.ComfyNode):
         )
 
         where = "FLUX.2 Sampler"
-        expect(where, "model", model, ModuleHolder, "a FLUX.2 Model Loader output")
+        expect(where, "model", model, MODEL_HOLDERS, "a FLUX.2 Model Loader or LoRA Loader output")
         expect(
             where,
             "conditioning",

@@ -31,7 +31,10 @@ def scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) ->
     buf = _BUFFERS.get(key)
     if buf is None or buf.numel() < n:
         _BUFFERS.pop(key, None)  # free the old one before allocating the larger one
-        buf = _BUFFERS[key] = torch.empty(n, dtype=dtype, device=device)
+        # A normal tensor even when the first call runs under torch.inference_mode(): an inference
+        # tensor could not be written to by a later call outside inference mode (no_grad, training).
+        with torch.inference_mode(False):
+            buf = _BUFFERS[key] = torch.empty(n, dtype=dtype, device=device)
     return buf[:n].view(shape)
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from flux2_core import load_transformer
+from flux2_core.tiny.gguf import write_tiny_gguf_transformer
 from flux2_core.tiny.lora import write_tiny_lora
 from flux2_core.tiny.transformer import write_tiny_transformer
 
@@ -36,7 +37,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def merged_reference(path, deltas_and_strengths, dtype=torch.float32):
     """An independent reference: the base file's weights + sum of strength x delta W, computed here
     from the writer's own record of the factors, loaded into a fresh transformer."""
-    model = load_transformer(path, dtype=torch.float32)
+    model = load_transformer(path, dtype=torch.float32, keep_quantized=False)  # GGUF/NVFP4 dequantized
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     for deltas, strength in deltas_and_strengths:
         for module, d in deltas.items():
@@ -53,7 +54,9 @@ def tiny_models(tmp_path_factory):
 
     def get(variant="dev", layout="bfl", dtype=torch.float32):
         key = (variant, layout, dtype)
-        if key not in cache:
+        if key not in cache and layout == "gguf":  # a Q4_K_M-like mix, the file's own bytes
+            cache[key] = write_tiny_gguf_transformer(root / f"{variant}-gguf", variant, mix="Q4_K_M")
+        elif key not in cache:
             cache[key] = write_tiny_transformer(
                 root / f"{variant}-{layout}-{str(dtype)[6:]}", variant, layout, dtype
             )

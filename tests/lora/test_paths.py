@@ -1,9 +1,8 @@
 """The same LoRA on every weight path: resident, streamed (the weight streamer on the CPU), FP8 block
-linears kept in FP8 (keep_fp8). Each path with the LoRA equals its own file's weights dequantized,
+linears kept in FP8 (keep_fp8), GGUF weights kept in their stored blocks. Each path with the LoRA equals its own file's weights dequantized,
 merged with the LoRA in fp32, within bf16 tolerance; streaming also equals resident exactly.
 
-A new weight path is one entry in PATHS: the tiny file layout and the loader's options. GGUF goes
-here once its loader lands: ``"gguf": Path("gguf", {})`` with a tiny GGUF writer in flux2_core/tiny.
+A new weight path is one entry in PATHS: the tiny file layout and the loader's options.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import pytest
 import torch
 
 from flux2_core import apply_loras, load_lora, load_transformer
-from flux2_core.quant import FP8Linear
+from flux2_core.quant import FP8Linear, GGUFLinear
 from weight_streaming import StreamingConfig, WeightStreamer
 
 from .conftest import make_inputs, merged_reference, rel_err
@@ -35,6 +34,8 @@ PATHS = {
     "streamed": Path("bfl", streamed=True),
     "fp8": Path("bfl-fp8", {"keep_fp8": True}),
     "fp8-streamed": Path("bfl-fp8", {"keep_fp8": True}, streamed=True),
+    "gguf": Path("gguf"),
+    "gguf-streamed": Path("gguf", streamed=True),
 }
 
 
@@ -44,7 +45,14 @@ def _streamer(model, on: bool):
 
 
 # Every path once; the formats differ in how they are applied (fused qkv slices, Kronecker products).
-CASES = [("resident", "peft"), ("streamed", "peft"), ("fp8", "ai-toolkit"), ("fp8-streamed", "lokr")]
+CASES = [
+    ("resident", "peft"),
+    ("streamed", "peft"),
+    ("fp8", "ai-toolkit"),
+    ("fp8-streamed", "lokr"),
+    ("gguf", "kohya"),
+    ("gguf-streamed", "loha"),
+]
 
 
 @pytest.mark.parametrize(("name", "fmt"), CASES, ids=[f"{n}-{f}" for n, f in CASES])
@@ -54,6 +62,8 @@ def test_lora_on_every_weight_path(tiny_models, lora_file, name, fmt):
     model = load_transformer(file, dtype=torch.bfloat16, **p.load)
     if p.load.get("keep_fp8"):
         assert isinstance(model.double_blocks[0].img_attn.qkv, FP8Linear)
+    if p.layout == "gguf":
+        assert isinstance(model.double_blocks[0].img_attn.qkv, GGUFLinear)
     lora_path, deltas = lora_file(model.config, fmt, seed=7)
     x = make_inputs(model.config)
     want = merged_reference(file, [(deltas, 0.8)])(**x)  # fp32, the file's weights dequantized
