@@ -70,7 +70,9 @@ def _delta(adapter, start: int, rows: int, layer_rows: int, swap: bool, strength
         if w2 is None:
             dim = w2_b.shape[0]
         scale = strength * _alpha(alpha, dim)
-        return Kron(w1, w2, None if w2 is not None else w2_a, None if w2 is not None else w2_b, scale, slot, swap)
+        return Kron(
+            w1, w2, None if w2 is not None else w2_a, None if w2 is not None else w2_b, scale, slot, swap
+        )
     if isinstance(adapter, tuple | list) and adapter and isinstance(adapter[0], str):
         return f"a '{adapter[0]}' patch (whole-weight changes)"
     if isinstance(adapter, tuple) and len(adapter) == 1:
@@ -94,7 +96,9 @@ def lora_from_patches(patches: dict, transformer: nn.Module, name: str = "LoRA p
     layers: dict[str, list] = {}
     problems: list[str] = []
     for key, entries in patches.items():
-        module = key[len(_PREFIX) : -len(_SUFFIX)] if key.startswith(_PREFIX) and key.endswith(_SUFFIX) else None
+        module = (
+            key[len(_PREFIX) : -len(_SUFFIX)] if key.startswith(_PREFIX) and key.endswith(_SUFFIX) else None
+        )
         layer = None
         if module is not None:
             try:
@@ -130,7 +134,9 @@ def lora_from_patches(patches: dict, transformer: nn.Module, name: str = "LoRA p
                 continue
             layers.setdefault(module, []).append(delta)
     if problems:
-        listed = "; ".join(problems[:_LIST]) + (f"; and {len(problems) - _LIST} more" if len(problems) > _LIST else "")
+        listed = "; ".join(problems[:_LIST]) + (
+            f"; and {len(problems) - _LIST} more" if len(problems) > _LIST else ""
+        )
         raise InputError(
             f"{len(problems)} model patches cannot be applied to a Flux2Local model, which adds LoRA, LoHa and "
             f"LoKr updates beside its layers and never rebuilds weights: {listed}. Fix: use FLUX.2 LoRA Loader "

@@ -141,9 +141,9 @@ class Flux2DiffusionModel(nn.Module):
         wrappers = comfy.patcher_extension.get_all_wrappers(
             comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, transformer_options
         )
-        return comfy.patcher_extension.WrapperExecutor.new_class_executor(self._forward, self, wrappers).execute(
-            x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs
-        )
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward, self, wrappers
+        ).execute(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
 
     def _refuse_unsupported(self, control, transformer_options, kwargs) -> None:
         if control is not None:

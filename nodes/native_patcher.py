@@ -163,7 +163,9 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
             s.detach(keep_pinned=True)  # re-plan, reusing the pinned copies of streamed blocks
             s.config = dataclasses.replace(s.config, vram_budget=int(budget))
             s.attach()
-            log.info("Flux2Local: %s re-planned for %.2f GiB: %s", h.label, budget / GIB, s.telemetry().summary())
+            log.info(
+                "Flux2Local: %s re-planned for %.2f GiB: %s", h.label, budget / GIB, s.telemetry().summary()
+            )
             return
         self._release()
         self._attach(device, budget)
@@ -191,7 +193,9 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
         if self.weight_wrapper_patches:
             from ..flux2_core.errors import InputError
 
-            raise InputError("weight wrappers are not supported by a Flux2Local model (it never rebuilds weights).")
+            raise InputError(
+                "weight wrappers are not supported by a Flux2Local model (it never rebuilds weights)."
+            )
         device = torch.device(device_to) if device_to is not None else self.load_device
         full = full_load or not lowvram_model_memory or lowvram_model_memory >= self.model_size()
         with self.use_ejected():
@@ -252,3 +256,27 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
                 "use FLUX.2 LoRA Loader or LoraLoaderModelOnly."
             )
         return super().patch_hooks(hooks)
+
+
+def native_model_for(holder) -> Flux2LocalModelPatcher:
+    """The native MODEL of a FLUX2LOCAL_MODEL (a Model Loader's or LoRA Loader's holder).
+
+    One ``comfy.model_base.Flux2`` exists per loaded transformer: every conversion returns a clone of
+    the same root patcher, so ComfyUI sees one model (``is_clone``) however many nodes convert it,
+    and never counts or loads the same weights twice. The LoRA Loader's stack goes with the clone.
+    """
+    import comfy.model_management as mm
+
+    from .native_model import build_native_model
+
+    base = getattr(holder, "base", holder)  # a LoRAModelHolder shares its base's module
+    root = base.__dict__.get("_flux2local_native")
+    if root is None:
+        model = build_native_model(base)
+        root = Flux2LocalModelPatcher(
+            model, mm.get_torch_device(), mm.unet_offload_device(), size=mm.module_size(model)
+        )
+        base.__dict__["_flux2local_native"] = root
+    patcher = root.clone()
+    patcher.flux2_loras = tuple(getattr(holder, "loras", ()))
+    return patcher

@@ -1,0 +1,128 @@
+"""Our transformer as ComfyUI's MODEL (FLUX.2 To Native MODEL) and our Sampler on native inputs.
+
+The same tiny checkpoint runs through (a) our Model Loader -> FLUX.2 Sampler, (b) FLUX.2 To Native MODEL
+-> ComfyUI's SamplerCustomAdvanced / KSampler and (c) ComfyUI's UNETLoader -> the same native
+samplers; all latents must agree. Conditioning is FLUX.2 Encode Prompt's native CONDITIONING output,
+so no test-only bridge is involved.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from comfy_server import history_error
+from native_graph import Graph, read_latent
+
+SIZE, STEPS, SEED = (96, 64), 4, 21
+TOL = dict(rtol=1e-3, atol=1e-3)
+
+CASES = {
+    # model file, text encoder, guidance, CFG
+    "dev": ("flux2-dev.safetensors", "mistral_3_small_flux2_bf16.safetensors", 4.0, False),
+    "klein-base": ("flux-2-klein-base-4b.safetensors", "qwen_3_4b.safetensors", 3.5, True),
+}
+
+
+def _pair(g: Graph, enc, cfg: bool, guidance: float, model) -> list:
+    pos, neg = Graph.out(enc, 2), Graph.out(enc, 3)
+    if cfg:
+        return g.add("CFGGuider", model=model, positive=pos, negative=neg, cfg=guidance)
+    return g.add("BasicGuider", model=model, conditioning=pos)
+
+
+def _run(comfy, g: Graph):
+    entry = comfy.run(g.nodes, timeout=600)
+    assert history_error(entry) is None, history_error(entry)
+    return lambda name: read_latent(comfy, g.tag, name)
+
+
+def test_native_samplers_on_our_model_equal_our_sampler_and_native_flux2(comfy):
+    """[dev] (embedded guidance): every sampler path, both schedules, the second-order solvers."""
+    model_file, te, guidance, cfg = CASES["dev"]
+    g = Graph("nat_dev")
+    enc = g.encode(te, "a small red cube on a table")
+    ours = g.model(model_file)
+    native = g.add("Flux2LocalToNativeModel", model=ours)
+    unet = g.add("UNETLoader", unet_name=model_file, weight_dtype="default")
+    # euler, FLUX.2 schedule
+    g.save("ours", g.sampler(ours, enc, SIZE, SEED, STEPS, guidance))
+    g.save("ours_on_native", g.sampler(native, enc, SIZE, SEED, STEPS, guidance))
+    g.save("ours_on_unet", g.sampler(unet, enc, SIZE, SEED, STEPS, guidance))
+    g.save("sca_native", g.custom_advanced(_pair(g, enc, cfg, guidance, native), SIZE, SEED, STEPS))
+    g.save("sca_unet", g.custom_advanced(_pair(g, enc, cfg, guidance, unet), SIZE, SEED, STEPS))
+    # KSampler with its "simple" schedule; [dev] has embedded guidance (4 on the CONDITIONING): CFG 1
+    pos, neg = Graph.out(enc, 2), Graph.out(enc, 3)
+    g.save("ks_native", g.ksampler(native, pos, neg, SIZE, SEED, STEPS, 1.0))
+    g.save("ks_unet", g.ksampler(unet, pos, neg, SIZE, SEED, STEPS, 1.0))
+    g.save("ours_simple", g.sampler(ours, enc, SIZE, SEED, STEPS, guidance, scheduler="simple"))
+    # the second-order solvers against ComfyUI's of the same name on the FLUX.2 schedule
+    for name in ("dpmpp_2m", "res_multistep"):
+        g.save(f"ours_{name}", g.sampler(ours, enc, SIZE, SEED, STEPS, guidance, sampler_name=name))
+        g.save(
+            f"sca_unet_{name}", g.custom_advanced(_pair(g, enc, cfg, guidance, unet), SIZE, SEED, STEPS, name)
+        )
+    lat = _run(comfy, g)
+    ref = lat("ours")
+    assert ref.shape == (1, 128, SIZE[1] // 16, SIZE[0] // 16) and ref.std() > 0.1
+    for name in ("ours_on_native", "ours_on_unet", "sca_native", "sca_unet"):
+        torch.testing.assert_close(lat(name), ref, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    simple = lat("ours_simple")
+    assert (simple - ref).abs().max() > 1e-2  # another schedule, another result
+    for name in ("ks_native", "ks_unet"):
+        torch.testing.assert_close(lat(name), simple, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    for name in ("dpmpp_2m", "res_multistep"):
+        torch.testing.assert_close(lat(f"ours_{name}"), lat(f"sca_unet_{name}"), **TOL)
+        assert (lat(f"ours_{name}") - ref).abs().max() > 1e-3
+
+
+def test_cfg_on_our_native_model_equals_our_sampler(comfy):
+    """Base [klein] with true CFG: CFGGuider and KSampler on our MODEL, our Sampler on it."""
+    model_file, te, guidance, cfg = CASES["klein-base"]
+    g = Graph("nat_base")
+    enc = g.encode(te, "a ceramic teapot", negative="blurry")
+    ours = g.model(model_file)
+    native = g.add("Flux2LocalToNativeModel", model=ours)
+    g.save("ours", g.sampler(ours, enc, SIZE, SEED, STEPS, guidance))
+    g.save("ours_on_native", g.sampler(native, enc, SIZE, SEED, STEPS, guidance))
+    g.save("sca_native", g.custom_advanced(_pair(g, enc, cfg, guidance, native), SIZE, SEED, STEPS))
+    g.save("ours_simple", g.sampler(ours, enc, SIZE, SEED, STEPS, guidance, scheduler="simple"))
+    pos, neg = Graph.out(enc, 2), Graph.out(enc, 3)
+    g.save("ks_native", g.ksampler(native, pos, neg, SIZE, SEED, STEPS, guidance))
+    lat = _run(comfy, g)
+    ref = lat("ours")
+    assert ref.std() > 0.1
+    for name in ("ours_on_native", "sca_native"):
+        torch.testing.assert_close(lat(name), ref, **TOL, msg=lambda m, n=name: f"{n}: {m}")
+    torch.testing.assert_close(lat("ks_native"), lat("ours_simple"), **TOL)
+
+
+def _easycache_report(comfy, start: int) -> tuple[int, int]:
+    text = comfy.log_path.read_text(errors="replace")[start:]
+    found = re.findall(r"EasyCache - skipped (\d+)/(\d+) steps", text)
+    assert found, f"no EasyCache report in the log:\n{comfy.log_tail(40)}"
+    skipped, total = found[-1]
+    return int(skipped), int(total)
+
+
+@pytest.mark.parametrize("source", ["ours", "unet"])
+def test_easycache_skips_steps_on_our_model(comfy, source):
+    model_file = "flux-2-klein-4b.safetensors"
+    g = Graph(f"easycache_{source}")
+    enc = g.encode("qwen_3_4b.safetensors", "a lighthouse at dusk")
+    if source == "ours":
+        model = g.add("Flux2LocalToNativeModel", model=g.model(model_file))
+    else:  # the same settings on ComfyUI's own FLUX.2: the anchor that these settings skip steps at all
+        model = g.add("UNETLoader", unet_name=model_file, weight_dtype="default")
+    cached = g.add(
+        "EasyCache", model=model, reuse_threshold=3.0, start_percent=0.1, end_percent=0.95, verbose=False
+    )
+    steps = 12
+    g.save("cached", g.ksampler(cached, Graph.out(enc, 2), Graph.out(enc, 3), SIZE, SEED + 1, steps, 1.0))
+    start = len(comfy.log_path.read_text(errors="replace"))
+    entry = comfy.run(g.nodes)
+    assert history_error(entry) is None, history_error(entry)
+    skipped, total = _easycache_report(comfy, start)
+    assert total == steps
+    assert skipped > 0, "EasyCache ran but skipped no step: its wrapper never saw the diffusion model"
