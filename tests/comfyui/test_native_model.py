@@ -8,12 +8,16 @@ so no test-only bridge is involved.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 import pytest
 import torch
 from comfy_server import history_error
 from native_graph import Graph, read_latent
+from test_interrupt_and_errors import _wait_for_log
+from test_progress import _run_and_listen
 
 SIZE, STEPS, SEED = (96, 64), 4, 21
 TOL = dict(rtol=1e-3, atol=1e-3)
@@ -126,3 +130,35 @@ def test_easycache_skips_steps_on_our_model(comfy, source):
     skipped, total = _easycache_report(comfy, start)
     assert total == steps
     assert skipped > 0, "EasyCache ran but skipped no step: its wrapper never saw the diffusion model"
+
+
+def test_progress_and_previews_of_ksampler_on_our_model(comfy):
+    g = Graph("nat_progress")
+    enc = g.encode("qwen_3_4b.safetensors", "a lighthouse at dusk")
+    native = g.add("Flux2LocalToNativeModel", model=g.model("flux-2-klein-4b.safetensors"))
+    ks = g.ksampler(native, Graph.out(enc, 2), Graph.out(enc, 3), (128, 128), 779, 5, 1.0)
+    g.save("out", ks)
+    messages, previews = asyncio.run(_run_and_listen(comfy, g.nodes))
+    assert messages[-1]["type"] == "execution_success", messages[-1]
+    progress = [m["data"] for m in messages if m["type"] == "progress" and m["data"].get("node") == ks[0]]
+    assert progress and all(p["max"] == 5 for p in progress) and progress[-1]["value"] == 5
+    assert previews >= 1, "no latent preview frames were sent during sampling"
+
+
+def test_cancel_our_sampler_on_a_native_model(comfy):
+    g = Graph("nat_cancel")
+    enc = g.encode("qwen_3_4b.safetensors", "a lighthouse at dusk")
+    native = g.add("Flux2LocalToNativeModel", model=g.model("flux-2-klein-4b.safetensors"))
+    g.save("never", g.sampler(native, enc, (512, 512), 4243, 200, 1.0))
+    start = len(comfy.log_path.read_text(errors="replace"))
+    status, body = comfy.queue_prompt(g.nodes)
+    assert status == 200, body
+    _wait_for_log(comfy, "Flux2Local: ComfyUI samples 200 steps", start)
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    comfy.interrupt()
+    entry = comfy.wait_history(body["prompt_id"], timeout=60)
+    stopped_after = time.monotonic() - t0
+    interrupted = dict(entry["status"]["messages"]).get("execution_interrupted")
+    assert interrupted is not None and interrupted["node_type"] == "Flux2LocalSampler", entry["status"]
+    assert stopped_after < 10, f"sampling took {stopped_after:.1f} s to stop after /interrupt"
