@@ -107,6 +107,49 @@ def sample_native(
     return samples.to(memory.output_device(), torch.float32)
 
 
+def route(where: str, model, conditioning, negative, guidance: float):
+    """FLUX.2 Sampler's inputs checked and routed: (model, conditioning, guidance, native).
+
+    Our model and conditioning stay ours. A native CONDITIONING that our sampler reproduces exactly
+    (one entry of embeddings, guidance and index references) becomes ours; any other goes, with our
+    model as a native MODEL, to ComfyUI's sampling (native True), as does a native MODEL.
+
+    Raises:
+        InputError: an input holds something else than its socket types' values.
+    """
+    from .common import expect
+    from .holders import MODEL_HOLDERS
+    from .native_cond import check_native, from_terms, simple_terms
+    from .types import Conditioning
+
+    native = is_native_model(model)
+    if not native:
+        expect(
+            where, "model", model, MODEL_HOLDERS, "a FLUX.2 Model Loader or LoRA Loader output, or a MODEL"
+        )
+    if isinstance(conditioning, list):
+        check_native(where, "conditioning", conditioning)
+    else:
+        expect(
+            where,
+            "conditioning",
+            conditioning,
+            Conditioning,
+            "a FLUX.2 Encode Prompt or Multi-Reference output, or a CONDITIONING",
+        )
+    if negative is not None:
+        check_native(where, "negative", negative)
+    if isinstance(conditioning, list) and not native:
+        terms = simple_terms(conditioning)
+        neg_terms = None if negative is None else simple_terms(negative)
+        if terms is None or (negative is not None and neg_terms is None):
+            from .native_patcher import native_model_for
+
+            return native_model_for(model), conditioning, guidance, True
+        conditioning, guidance = from_terms(where, terms, neg_terms, model.module.config, guidance)
+    return model, conditioning, guidance, native
+
+
 def _reference_tokens(cond) -> int:
     from ..flux2_core.sampling import reference_token_count
 

@@ -18,9 +18,8 @@ except ImportError:
 
 from ..flux2_core.sampling import DOWNSCALE, SCHEDULERS, SOLVERS
 from . import memory
-from .common import expect, latent_samples, user_errors
-from .holders import MODEL_HOLDERS
-from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2Model
+from .common import latent_samples, user_errors
+from .types import CATEGORY, Flux2Conditioning, Flux2Model
 
 log = logging.getLogger(__name__)
 
@@ -200,41 +199,12 @@ class Flux2LocalSampler(io.ComfyNode):
             reference_token_count,
             sample_latents,
         )
-        from .native_cond import check_native, from_terms, simple_terms
-        from .native_patcher import native_model_for
-        from .native_sampling import is_native_model, run_native
+        from .native_sampling import route, run_native
 
         where = "FLUX.2 Sampler"
-        native_model = is_native_model(model)
-        if not native_model:
-            expect(
-                where,
-                "model",
-                model,
-                MODEL_HOLDERS,
-                "a FLUX.2 Model Loader or LoRA Loader output, or a MODEL",
-            )
-        native_cond = isinstance(conditioning, list)
-        if native_cond:
-            check_native(where, "conditioning", conditioning)
-        else:
-            expect(
-                where,
-                "conditioning",
-                conditioning,
-                Conditioning,
-                "a FLUX.2 Encode Prompt or Multi-Reference output, or a CONDITIONING",
-            )
-        if negative is not None:
-            check_native(where, "negative", negative)
-        if native_cond and not native_model:
-            terms = simple_terms(conditioning)
-            neg_terms = None if negative is None else simple_terms(negative)
-            if terms is None or (negative is not None and neg_terms is None):
-                # Only ComfyUI's sampling reproduces this conditioning (several entries, areas, ...).
-                model, native_model = native_model_for(model), True
-            else:
-                conditioning, guidance = from_terms(where, terms, neg_terms, model.module.config, guidance)
+        # Native MODEL or CONDITIONING in: ours converted where our sampler reproduces it exactly,
+        # else the work goes to ComfyUI's sampling (native_model True).
+        model, conditioning, guidance, native_model = route(where, model, conditioning, negative, guidance)
         check_finite(where, guidance=guidance, denoise=denoise)
         if native_model:
             init = None if latent is None else latent_samples(where, "latent", latent)

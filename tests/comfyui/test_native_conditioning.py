@@ -57,9 +57,10 @@ def test_encode_prompt_conditioning_in_reference_latent_flux_guidance_and_combin
     image = g.add("LoadImage", image="flux2_reference_1.png")
     # ours: Multi-Reference on our conditioning, guidance 3 from the Sampler
     vae = g.add("Flux2LocalVAELoader", vae_name=full_size_vae, dtype="fp32")
-    refs = g.add("Flux2LocalMultiReference", conditioning=enc, vae=vae, megapixels_per_reference=1.0, **{
-        "images.image_1": image
-    })  # fmt: skip
+    first_image = {"images.image_1": image}
+    refs = g.add(
+        "Flux2LocalMultiReference", conditioning=enc, vae=vae, megapixels_per_reference=1.0, **first_image
+    )
     g.save("ref_ours", g.sampler(ours, refs, SIZE, SEED, STEPS, 3.0))
     # native: ReferenceLatent on Encode Prompt's CONDITIONING, FluxGuidance 3, ComfyUI's FLUX.2
     latent = g.add("VAEEncode", pixels=image, vae=g.add("VAELoader", vae_name=full_size_vae))
