@@ -162,3 +162,43 @@ def test_cancel_our_sampler_on_a_native_model(comfy):
     interrupted = dict(entry["status"]["messages"]).get("execution_interrupted")
     assert interrupted is not None and interrupted["node_type"] == "Flux2LocalSampler", entry["status"]
     assert stopped_after < 10, f"sampling took {stopped_after:.1f} s to stop after /interrupt"
+
+
+def test_quantized_weights_under_native_samplers(comfy):
+    """FP8 (kept in FP8) and GGUF Q4_K_M layers behind the native MODEL: the same latents as our Sampler
+    on the same loaded weights, with a native LoRA loader on the GGUF model equal to our LoRA node."""
+    from flux2_core.tiny.gguf import write_tiny_gguf_transformer
+    from flux2_core.tiny.lora import write_tiny_lora
+    from flux2_core.tiny.transformer import tiny_config
+
+    gguf = comfy.base / "models" / "diffusion_models" / "native-klein-4b-Q4_K_M.gguf"
+    if not gguf.exists():
+        write_tiny_gguf_transformer(gguf, "klein-4b", mix="Q4_K_M", seed=31, context_dim=192)
+    lora = "native_gguf_lora.safetensors"
+    write_tiny_lora(comfy.base / "models" / "loras" / lora, tiny_config("klein-4b", context_dim=192), seed=5)
+    g = Graph("nat_quant")
+    files = {
+        "fp8": ("flux2_dev_fp8mixed.safetensors", "mistral_3_small_flux2_bf16.safetensors", 4.0),
+        "gguf": (gguf.name, "qwen_3_4b.safetensors", 1.0),
+    }
+    size, steps = (64, 64), 2
+    for tag, (file, te, guidance) in files.items():
+        enc = g.encode(te, "a lighthouse at dusk")
+        ours = g.model(file)
+        native = g.add("Flux2LocalToNativeModel", model=ours)
+        guider = g.add("BasicGuider", model=native, conditioning=Graph.out(enc, 2))
+        g.save(f"{tag}_ours", g.sampler(ours, enc, size, SEED, steps, guidance))
+        g.save(f"{tag}_native", g.custom_advanced(guider, size, SEED, steps))
+        if tag == "gguf":
+            ours_l = g.add("Flux2LocalLoRALoader", model=ours, lora_name=lora, strength=1.0)
+            native_l = g.add("LoraLoaderModelOnly", model=native, lora_name=lora, strength_model=1.0)
+            g.save("lora_ours", g.sampler(ours_l, enc, size, SEED, steps, guidance))
+            guider_l = g.add("BasicGuider", model=native_l, conditioning=Graph.out(enc, 2))
+            g.save("lora_native", g.custom_advanced(guider_l, size, SEED, steps))
+    entry = comfy.run(g.nodes, timeout=600)
+    assert history_error(entry) is None, history_error(entry)
+    for tag in (*files, "lora"):
+        ours_lat = read_latent(comfy, g.tag, f"{tag}_ours")
+        assert ours_lat.std() > 0.1
+        torch.testing.assert_close(read_latent(comfy, g.tag, f"{tag}_native"), ours_lat, **TOL)
+    assert (read_latent(comfy, g.tag, "lora_ours") - read_latent(comfy, g.tag, "gguf_ours")).abs().max() > 0.05
