@@ -201,4 +201,6 @@ def test_quantized_weights_under_native_samplers(comfy):
         ours_lat = read_latent(comfy, g.tag, f"{tag}_ours")
         assert ours_lat.std() > 0.1
         torch.testing.assert_close(read_latent(comfy, g.tag, f"{tag}_native"), ours_lat, **TOL)
-    assert (read_latent(comfy, g.tag, "lora_ours") - read_latent(comfy, g.tag, "gguf_ours")).abs().max() > 0.05
+    assert (
+        read_latent(comfy, g.tag, "lora_ours") - read_latent(comfy, g.tag, "gguf_ours")
+    ).abs().max() > 0.05
