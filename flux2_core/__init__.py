@@ -14,6 +14,8 @@ from .sampling import (
     DOWNSCALE,
     LATENT_CHANNELS,
     MAX_REFERENCES,
+    SCHEDULERS,
+    SOLVERS,
     SamplingPlan,
     StepInfo,
     check_latents,
@@ -25,6 +27,7 @@ from .sampling import (
     prepare_reference_latents,
     reference_token_count,
     sample_latents,
+    schedule_sigmas,
     validate_size,
 )
 from .text_encoders import Flux2TextEncoder, TextEncoderSpec, load_text_encoder
@@ -47,12 +50,15 @@ __all__ = [
     # VAE, schedule, sampler
     "Flux2VAE",
     "Flux2VAEConfig",
+    "SCHEDULERS",
+    "SOLVERS",
     "StepInfo",
     "flux2_sigmas",
     "generate",
     "load_vae",
     "prepare_reference_latents",
     "sample_latents",
+    "schedule_sigmas",
     "validate_size",
     # LoRAs
     "Flux2LoRA",

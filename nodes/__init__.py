@@ -21,6 +21,7 @@ from . import memory
 from .conditioning import Flux2LocalEncodePrompt, Flux2LocalMultiReference
 from .loaders import Flux2LocalModelLoader, Flux2LocalTextEncoderLoader, Flux2LocalVAELoader
 from .lora import Flux2LocalLoRALoader
+from .native_nodes import Flux2LocalToNativeModel
 from .safety import Flux2LocalCheckProvenance, Flux2LocalContentFilter, Flux2LocalSaveImage
 from .sampler import Flux2LocalSampler
 from .vae_nodes import Flux2LocalVAEDecode, Flux2LocalVAEEncode
@@ -38,6 +39,7 @@ NODES: list[type[io.ComfyNode]] = [
     Flux2LocalContentFilter,
     Flux2LocalSaveImage,
     Flux2LocalCheckProvenance,
+    Flux2LocalToNativeModel,
 ]
 
 

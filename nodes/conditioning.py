@@ -12,6 +12,7 @@ from . import memory
 from .common import expect, image_batch, user_errors
 from .holders import ModuleHolder, TextEncoderHolder
 from .progress import block_progress
+from .native_cond import to_native
 from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,17 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                 io.String.Output(
                     display_name="prompt", tooltip="The prompt that was encoded (rewritten if upsampled)."
                 ),
+                io.Conditioning.Output(
+                    display_name="CONDITIONING",
+                    tooltip="The prompt as ComfyUI's CONDITIONING, for native nodes (ReferenceLatent, FluxGuidance, "
+                    "BasicGuider/CFGGuider, Conditioning Combine, KSampler) and for FLUX.2 Sampler. [dev] gets "
+                    "guidance 4 unless FluxGuidance sets another.",
+                ),
+                io.Conditioning.Output(
+                    display_name="negative",
+                    tooltip="The negative prompt as CONDITIONING (CFGGuider / KSampler negative for base [klein]); "
+                    "zeros when no negative prompt was encoded, as ConditioningZeroOut gives.",
+                ),
             ],
         )
 
@@ -159,7 +171,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
             encoder_file=text_encoder.source,
             prompt=prompt,
         )
-        return io.NodeOutput(cond, prompt)
+        return io.NodeOutput(cond, prompt, to_native(cond), to_native(cond, negative=True))
 
 
 def _image_inputs() -> list:

@@ -56,7 +56,12 @@ class Node:
 OUTPUTS = {
     "Flux2LocalModelLoader": [("model", "FLUX2LOCAL_MODEL"), ("info", "STRING")],
     "Flux2LocalTextEncoderLoader": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER")],
-    "Flux2LocalEncodePrompt": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("prompt", "STRING")],
+    "Flux2LocalEncodePrompt": [
+        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("prompt", "STRING"),
+        ("CONDITIONING", "CONDITIONING"),
+        ("negative", "CONDITIONING"),
+    ],
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING")],
     "Flux2LocalSampler": [("LATENT", "LATENT")],
     "Flux2LocalVAELoader": [("vae", "FLUX2LOCAL_VAE")],
@@ -65,6 +70,15 @@ OUTPUTS = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "SaveImage": [],
     "Note": [],
+    # ComfyUI's own nodes used beside ours
+    "Flux2LocalToNativeModel": [("MODEL", "MODEL")],
+    "EasyCache": [("MODEL", "MODEL")],
+    "CFGGuider": [("GUIDER", "GUIDER")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "Flux2Scheduler": [("SIGMAS", "SIGMAS")],
+    "EmptyFlux2LatentImage": [("LATENT", "LATENT")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
 }
 WIDGETS = {
     "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
@@ -77,15 +91,32 @@ WIDGETS = {
         "upsample_max_tokens",
     ],
     "Flux2LocalMultiReference": ["megapixels_per_reference"],
-    "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
+    "Flux2LocalSampler": [
+        "width",
+        "height",
+        "seed",
+        "steps",
+        "guidance",
+        "denoise",
+        "sampler_name",
+        "scheduler",
+    ],
     "Flux2LocalVAELoader": ["vae_name", "dtype"],
     "Flux2LocalVAEDecode": ["tiling"],
     "Flux2LocalVAEEncode": ["tiling"],
     "LoadImage": ["image"],
     "SaveImage": ["filename_prefix"],
     "Note": [],
+    "Flux2LocalToNativeModel": [],
+    "EasyCache": ["reuse_threshold", "start_percent", "end_percent", "verbose"],
+    "CFGGuider": ["cfg"],
+    "RandomNoise": ["noise_seed"],
+    "KSamplerSelect": ["sampler_name"],
+    "Flux2Scheduler": ["steps", "width", "height"],
+    "EmptyFlux2LatentImage": ["width", "height", "batch_size"],
+    "SamplerCustomAdvanced": [],
 }
-SEED_WIDGETS = {("Flux2LocalSampler", "seed")}
+SEED_WIDGETS = {("Flux2LocalSampler", "seed"), ("RandomNoise", "noise_seed")}
 # An image_upload combo gets an upload button in the editor, whose value ("image") it saves right
 # after the file name: UI-only, never sent to the server.
 UPLOAD_WIDGETS = {("LoadImage", "image")}
@@ -94,13 +125,24 @@ LINK_INPUTS = {
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("vae", "FLUX2LOCAL_VAE")]
     + [(f"images.image_{i}", "IMAGE") for i in range(1, 11)],
     "Flux2LocalSampler": [
-        ("model", "FLUX2LOCAL_MODEL"),
-        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("model", "FLUX2LOCAL_MODEL,MODEL"),
+        ("conditioning", "FLUX2LOCAL_CONDITIONING,CONDITIONING"),
         ("latent", "LATENT"),
+        ("negative", "CONDITIONING"),
     ],
     "Flux2LocalVAEDecode": [("vae", "FLUX2LOCAL_VAE"), ("samples", "LATENT")],
     "Flux2LocalVAEEncode": [("vae", "FLUX2LOCAL_VAE"), ("pixels", "IMAGE")],
     "SaveImage": [("images", "IMAGE")],
+    "Flux2LocalToNativeModel": [("model", "FLUX2LOCAL_MODEL")],
+    "EasyCache": [("model", "MODEL")],
+    "CFGGuider": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "SamplerCustomAdvanced": [
+        ("noise", "NOISE"),
+        ("guider", "GUIDER"),
+        ("sampler", "SAMPLER"),
+        ("sigmas", "SIGMAS"),
+        ("latent_image", "LATENT"),
+    ],
 }
 
 
@@ -137,13 +179,44 @@ def pipeline(
         Node(
             6,
             "Flux2LocalSampler",
-            [width, height, 42, steps, guidance, 1.0],
+            [width, height, 42, steps, guidance, 1.0, "euler", "flux2"],
             {"model": (1, 0), "conditioning": cond},
         ),
         Node(7, "Flux2LocalVAEDecode", ["auto"], {"vae": (3, 0), "samples": (6, 0)}),
         Node(8, "SaveImage", [prefix], {"images": (7, 0)}),
     ]
     return nodes
+
+
+def native_mix(model: str, te: str, prompt: str, negative: str, steps: int, cfg: float) -> list[Node]:
+    """Our loaders, streaming and prompt encoding under ComfyUI's own sampling nodes and EasyCache."""
+    return [
+        Node(1, "Flux2LocalModelLoader", [model, "bf16", True, 0.0, 0.0]),
+        Node(2, "Flux2LocalTextEncoderLoader", [te, "auto", "bf16"]),
+        Node(3, "Flux2LocalVAELoader", [VAE, "bf16"]),
+        Node(4, "Flux2LocalEncodePrompt", [prompt, negative, False, 0, 512], {"text_encoder": (2, 0)}),
+        Node(5, "Flux2LocalToNativeModel", [], {"model": (1, 0)}),
+        Node(6, "EasyCache", [0.2, 0.15, 0.95, False], {"model": (5, 0)}),
+        Node(7, "CFGGuider", [cfg], {"model": (6, 0), "positive": (4, 2), "negative": (4, 3)}),
+        Node(8, "RandomNoise", [42]),
+        Node(9, "KSamplerSelect", ["euler"]),
+        Node(10, "Flux2Scheduler", [steps, 1024, 1024]),
+        Node(11, "EmptyFlux2LatentImage", [1024, 1024, 1]),
+        Node(
+            12,
+            "SamplerCustomAdvanced",
+            [],
+            {
+                "noise": (8, 0),
+                "guider": (7, 0),
+                "sampler": (9, 0),
+                "sigmas": (10, 0),
+                "latent_image": (11, 0),
+            },
+        ),
+        Node(13, "Flux2LocalVAEDecode", ["auto"], {"vae": (3, 0), "samples": (12, 0)}),
+        Node(14, "SaveImage", ["flux2_native_mix"], {"images": (13, 0)}),
+    ]
 
 
 WORKFLOWS: dict[str, tuple[str, list[Node]]] = {
@@ -209,6 +282,21 @@ WORKFLOWS: dict[str, tuple[str, list[Node]]] = {
             guidance=1.0,
             refs=REFERENCE_IMAGES,
             prefix="flux2_multi_ref",
+        ),
+    ),
+    "flux2_klein_base_native_samplers": (
+        NOTE_FILES["klein-base"]
+        + "\n\nOur loaders and prompt encoding under ComfyUI's own sampling: FLUX.2 To Native MODEL hands "
+        "the model (streamed when it does not fit) to EasyCache and CFGGuider; SamplerCustomAdvanced with "
+        "Flux2Scheduler samples 20 steps at CFG 5 (the official [klein] base settings). Native LoRA loaders "
+        "(LoraLoaderModelOnly) can go between To Native MODEL and EasyCache.",
+        native_mix(
+            KLEIN_BASE_MODEL,
+            KLEIN_TE,
+            "A ceramic teapot shaped like a snail, studio photo",
+            "blurry, low quality",
+            steps=20,
+            cfg=5.0,
         ),
     ),
     "flux2_dev_12gb_streaming": (
