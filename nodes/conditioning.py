@@ -11,8 +11,8 @@ from ..flux2_core.sampling import MAX_REFERENCES
 from . import memory
 from .common import expect, image_batch, user_errors
 from .holders import ModuleHolder, TextEncoderHolder
-from .progress import block_progress
 from .native_cond import to_native
+from .progress import block_progress
 from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
