@@ -256,26 +256,86 @@ GGML_BY_ID: dict[int, GGMLType] = {t.type_id: t for t in GGML_TYPES.values()}
 _CHUNK_VALUES = 16 * 1024 * 1024
 
 
-# Optional fused decoders on CUDA: torch.compile turns each type's chain of bit operations, the
-# float32 math and the cast into one kernel (one read of the stored bytes, one write of the result)
-# instead of a dozen eager kernels with float32 temporaries. Opt-in (FLUX2LOCAL_COMPILE_DEQUANT=1)
-# because compiling costs seconds per type on the first step; a failure falls back to eager.
+# Which decoder runs, per call (``decoder_for``):
+# - "triton": ``ggml_triton``'s kernels, one pass from the stored bytes to the output dtype (read the
+#   bytes once, write the values once, one launch per layer). The default on CUDA where Triton is
+#   importable, for the types it has kernels for (Q8_0, Q4_0/1, Q5_0/1, Q2_K..Q6_K); elsewhere, and
+#   for the others (IQ4_NL, IQ4_XS), the torch decoders. Also on the CPU when asked for and
+#   ``TRITON_INTERPRET=1`` (Triton's interpreter: the tests).
+# - "compile": the torch decoders through torch.compile, fused into one kernel per type (opt-in:
+#   costs seconds per type on the first step; the older switch FLUX2LOCAL_COMPILE_DEQUANT=1 asks too).
+# - "torch": the eager decoders above (the reference): a dozen kernels with float32 temporaries, in
+#   16M-value slices. Also asked for by FLUX2LOCAL_FAST=0 (the reference code everywhere).
+# A failure of a fused decoder logs one warning and falls back to "torch" for the process.
+ENV_DECODER = "FLUX2LOCAL_GGUF_DECODER"
+DECODERS = ("auto", "torch", "triton", "compile")
+_EAGER_FAST = ("0", "off", "eager", "false", "no")  # FLUX2LOCAL_FAST spellings of "eager"
 _COMPILED: dict[tuple[str, torch.dtype], Callable[[torch.Tensor], torch.Tensor]] = {}
 _COMPILE_FAILED: list[str] = []
+_TRITON_FAILED: list[str] = []
+_TRITON_STATE: dict[str, object] = {}  # "module" once imported, "missing" with the reason if not
+_LOGGED: set[str] = set()
+DECODER_CALLS: dict[str, int] = {}  # decoder -> layers it decoded in this process (benchmarks, tests)
 
 
-def _compile_enabled(device: torch.device) -> bool:
-    return (
-        device.type == "cuda"
-        and os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT", "0") == "1"
-        and not _COMPILE_FAILED
-        and not torch.compiler.is_compiling()
-    )
+def _log_once(key: str, level: int, msg: str, *args) -> None:
+    if key not in _LOGGED:
+        _LOGGED.add(key)
+        logger.log(level, msg, *args)
 
 
-def _decode(qtype: GGMLType, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(n_blocks, type_size) -> (n_blocks, block) values in ``dtype`` (float32 math, rounded once)."""
-    if not _compile_enabled(blocks.device):
+def requested_decoder() -> str:
+    """The decoder asked for by the environment ("auto", "torch", "triton" or "compile")."""
+    asked = os.environ.get(ENV_DECODER, "auto").strip().lower() or "auto"
+    if asked not in DECODERS:
+        raise ValueError(f"{ENV_DECODER}={asked!r} is not valid: choose one of {', '.join(DECODERS)}")
+    if asked == "auto" and os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT", "0") == "1":
+        return "compile"
+    if asked == "auto" and os.environ.get("FLUX2LOCAL_FAST", "auto").strip().lower() in _EAGER_FAST:
+        return "torch"
+    return asked
+
+
+def _triton_kernels():
+    """The ``ggml_triton`` module, or None when Triton cannot be imported (reason logged once)."""
+    if "module" not in _TRITON_STATE and "missing" not in _TRITON_STATE:
+        try:
+            from . import ggml_triton
+
+            _TRITON_STATE["module"] = ggml_triton
+        except Exception as e:  # noqa: BLE001 - no or a broken Triton: the torch decoders serve
+            _TRITON_STATE["missing"] = f"{type(e).__name__}: {e}"
+            _log_once(
+                "triton-missing",
+                logging.INFO,
+                "GGUF Triton decoders unavailable (%s)",
+                _TRITON_STATE["missing"],
+            )
+    return _TRITON_STATE.get("module")
+
+
+def _triton_runs_on(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def decoder_for(qtype: GGMLType, device: torch.device, dtype: torch.dtype) -> str:
+    """The decoder that will decode ``qtype`` on ``device`` into ``dtype``: "triton", "compile" or "torch"."""
+    asked = requested_decoder()
+    if asked in ("auto", "triton") and not _TRITON_FAILED:
+        if (asked == "triton" or device.type == "cuda") and _triton_runs_on(device):
+            kernels = _triton_kernels()
+            if kernels is not None and qtype.name in kernels.KERNELS and dtype in kernels.OUT_KIND:
+                return "triton"
+    if asked == "compile" and device.type == "cuda" and not _COMPILE_FAILED:
+        return "compile"
+    return "torch"
+
+
+def _decode(qtype: GGMLType, blocks: torch.Tensor, dtype: torch.dtype, compiled: bool) -> torch.Tensor:
+    """(n_blocks, type_size) -> (n_blocks, block) values (float32, or ``dtype`` when compiled)."""
+    if not compiled or torch.compiler.is_compiling():
         return qtype.decode(blocks)
     key = (qtype.name, dtype)
     if key not in _COMPILED:
@@ -286,6 +346,31 @@ def _decode(qtype: GGMLType, blocks: torch.Tensor, dtype: torch.dtype) -> torch.
         _COMPILE_FAILED.append(f"{type(e).__name__}: {e}")
         logger.warning("compiled GGUF dequantization failed (%s); using eager torch ops", _COMPILE_FAILED[0])
         return qtype.decode(blocks)
+
+
+def _triton_decode(raw: torch.Tensor, qtype: GGMLType, out: torch.Tensor) -> bool:
+    """Decode with the Triton kernel into contiguous ``out``; False (logged once) if it failed."""
+    if torch.compiler.is_compiling():  # opaque to the compiler, writes ``out`` in place
+        torch.ops.flux2local.ggml_decode_(raw, qtype.name, out)
+        return True
+    try:
+        _triton_kernels().decode_into(raw, qtype.name, out)
+        return True
+    except Exception as e:  # noqa: BLE001 - a compiler or driver problem: the torch decoders serve
+        _TRITON_FAILED.append(f"{type(e).__name__}: {e}")
+        logger.warning("GGUF Triton decoder failed (%s); using the torch decoders", _TRITON_FAILED[0])
+        return False
+
+
+@torch.library.custom_op("flux2local::ggml_decode_", mutates_args=("out",))
+def _ggml_decode_op(raw: torch.Tensor, name: str, out: torch.Tensor) -> None:
+    """The Triton decode as one opaque op, so torch.compile'd code calls the kernel as it is."""
+    _triton_kernels().decode_into(raw, name, out)
+
+
+@_ggml_decode_op.register_fake
+def _(raw: torch.Tensor, name: str, out: torch.Tensor) -> None:
+    return None
 
 
 def ggml_type(name_or_id: str | int) -> GGMLType:
@@ -319,11 +404,31 @@ def dequantize_ggml(
     raw = data.reshape(rows, qtype.row_bytes(cols))
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=data.device)
+    decoder = decoder_for(qtype, data.device, dtype)
+    if decoder == "triton" and raw.is_contiguous() and out.is_contiguous():
+        if _triton_decode(raw, qtype, out):
+            _count("triton", data.device)
+            return out
+        decoder = "torch"
+    _count(decoder, data.device)
     flat = out.view(rows, cols)
     step = max(1, _CHUNK_VALUES // max(1, cols))
     for r in range(0, rows, step):
         part = raw[r : r + step]
         n = part.shape[0]
-        values = _decode(qtype, part.reshape(-1, qtype.type_size), dtype)  # (n_blocks, block)
-        flat[r : r + n].copy_(values.view(n, cols))
+        values = _decode(qtype, part.reshape(-1, qtype.type_size), dtype, decoder == "compile")
+        flat[r : r + n].copy_(values.view(n, cols))  # (n_blocks, block) values -> n rows
     return out
+
+
+def _count(decoder: str, device: torch.device) -> None:
+    if torch.compiler.is_compiling():
+        return
+    DECODER_CALLS[decoder] = DECODER_CALLS.get(decoder, 0) + 1
+    _log_once(
+        f"decoder:{decoder}:{device.type}",
+        logging.INFO,
+        "GGUF dequantization on %s: %s decoders",
+        device.type,
+        {"triton": "Triton one-pass", "compile": "torch.compile'd", "torch": "torch (eager)"}[decoder],
+    )
