@@ -13,6 +13,9 @@ per 64 values (32 bytes: low nibbles = first 32, high = next 32).
 Only bit operations on uint8, integer widening and float32 multiply/add are used: no ``.item()``,
 no host round trip, no data-dependent branching, so the decoders run unchanged under
 ``torch.compile`` and on the GPU (ops are the same as on the CPU).
+
+These torch decoders are the reference and the fallback; on CUDA ``ggml_triton.py``'s one-pass kernels
+decode the common types (see ``decoder_for`` below for what runs where).
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ memory. Everything ends with a table and a JSON line of all figures.
                                                                 # each fits the lent GPU's 10-minute limit
     python tests/benchmarks/quantized.py --small                # quarter-width model: checks the GPU path
     python tests/benchmarks/quantized.py --smoke                # tiny shapes on the CPU: checks the script
+    python tests/benchmarks/quantized.py --parts decode         # GGUF decode micro-benchmark only
+                                                                # (gguf_decode.py; GB/s per type and decoder)
+    python tests/benchmarks/quantized.py --decoder torch        # GGUF layers through the torch decoders
+
+GGUF layers decode with the decoder ``--decoder`` names (default "auto": Triton on CUDA, see
+``flux2_core/quant/ggml.py``); each format's lines say which decoders really ran ("ran ...").
 
 On the lent GPU (carry ``.whl``, ``.device_comfy`` and ``.device_quant``; see prepare_quantized.sh):
 ``source tests/benchmarks/device_setup.sh; source tests/benchmarks/quantized_setup.sh;
@@ -49,9 +55,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from gguf_decode import TYPES, decoders_for, run_decode_bench  # noqa: E402
+
 from flux2_core import Flux2Config, Flux2Transformer, load_transformer  # noqa: E402
 from flux2_core.config import bfl_shapes, is_block_linear  # noqa: E402
 from flux2_core.quant import FP8Linear, NVFP4Linear, QuantLinear, format_quant_summary, quantize_fp8  # noqa: E402
+from flux2_core.quant import ggml as ggml_mod  # noqa: E402
 from flux2_core.quant.formats import fp8_format, nvfp4_format  # noqa: E402
 from flux2_core.quant.swap import swap_linears  # noqa: E402
 from flux2_core.tiny.gguf import write_tiny_gguf_transformer  # noqa: E402
@@ -308,13 +317,27 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the GGUF / fp8mixed files are written")
     ap.add_argument("--no-anchors", action="store_true")
     ap.add_argument(
-        "--compile-dequant",
-        action="store_true",
-        help="fused (torch.compile) GGUF decoders on CUDA: sets FLUX2LOCAL_COMPILE_DEQUANT=1",
+        "--decoder",
+        choices=ggml_mod.DECODERS,
+        default=None,
+        help="GGUF decoder for the steps (sets FLUX2LOCAL_GGUF_DECODER; default: the environment's, else auto)",
     )
+    ap.add_argument("--compile-dequant", action="store_true", help="the same as --decoder compile")
+    ap.add_argument(
+        "--parts",
+        default="steps",
+        help="comma list: 'steps' (formats x budgets), 'decode' (GGUF decode micro-benchmark)",
+    )
+    ap.add_argument("--decode-types", default=",".join(TYPES), help="GGML types of the decode part")
+    ap.add_argument("--decode-decoders", default=None, help="decoders of the decode part (default: all here)")
     args = ap.parse_args()
     if args.compile_dequant:
-        os.environ["FLUX2LOCAL_COMPILE_DEQUANT"] = "1"
+        args.decoder = "compile"
+    if args.decoder:
+        os.environ[ggml_mod.ENV_DECODER] = args.decoder
+    parts = set(args.parts.split(","))
+    if not parts <= {"steps", "decode"}:
+        raise SystemExit(f"--parts: choose from steps, decode (got {args.parts})")
     logging.basicConfig(level=logging.WARNING, format="  (%(name)s) %(message)s", stream=sys.stdout)
     mode = "smoke" if args.smoke else "small" if args.small else "full"
     if mode != "smoke" and not torch.cuda.is_available():
@@ -334,7 +357,8 @@ def main() -> None:
         torch=torch.__version__,
         side=side,
         text_tokens=n_txt,
-        compile_dequant=os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT") == "1",
+        decoder_requested=ggml_mod.requested_decoder(),
+        parts=sorted(parts),
     )
     if DEVICE.type == "cuda":
         figures["gpu"] = torch.cuda.get_device_name(DEVICE)
@@ -345,6 +369,15 @@ def main() -> None:
         f"[setup] {mode}: {DEVICE}, model hidden {cfg.hidden_size}, {side}^2, pinned H2D "
         + (f"{bw / 1e9:.1f} GB/s" if bw else "n/a")
     )
+
+    if "decode" in parts:
+        decoders = (args.decode_decoders or ",".join(decoders_for(DEVICE))).split(",")
+        figures["decode"] = run_decode_bench(
+            DEVICE, mode == "smoke", args.decode_types.split(","), decoders, log
+        )
+        if "steps" not in parts:
+            print(json.dumps(figures, default=str), flush=True)
+            return
 
     rows: list[dict] = []
     anchors: dict = {}
@@ -371,9 +404,15 @@ def main() -> None:
             f"[{fmt}] built in {build_s:.1f} s"
             + (f" ({os.path.getsize(file) / 1e9:.1f} GB file)" if file else "")
         )
+        calls_before = dict(ggml_mod.DECODER_CALLS)
         fmt_rows, ours_out = run_format(fmt, model, inputs, budgets, steps, bw, DEVICE)
+        ran = {k: v - calls_before.get(k, 0) for k, v in ggml_mod.DECODER_CALLS.items()}
+        ran = {k: v for k, v in ran.items() if v}
+        if ran:
+            log(f"[{fmt}] GGUF layer decodes by decoder: {ran}")
         for r in fmt_rows:
             r["build_s"] = build_s
+            r["decoders_ran"] = sorted(ran)
         rows += fmt_rows
         resident_steps[fmt] = fmt_rows[0]["steady_s"]
         model = None  # noqa: F841 - free host RAM before the anchor
