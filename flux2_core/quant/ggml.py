@@ -268,11 +268,11 @@ _CHUNK_VALUES = 16 * 1024 * 1024
 # - "compile": the torch decoders through torch.compile, fused into one kernel per type (opt-in:
 #   costs seconds per type on the first step; the older switch FLUX2LOCAL_COMPILE_DEQUANT=1 asks too).
 # - "torch": the eager decoders above (the reference): a dozen kernels with float32 temporaries, in
-#   16M-value slices. Also asked for by FLUX2LOCAL_FAST=0 (the reference code everywhere).
+#   16M-value slices. FLUX2LOCAL_FAST does not change the choice: the Triton kernels give the torch
+#   decoders' values bit for bit, so the eager (reference) blocks keep the fast decoding.
 # A failure of a fused decoder logs one warning and falls back to "torch" for the process.
 ENV_DECODER = "FLUX2LOCAL_GGUF_DECODER"
 DECODERS = ("auto", "torch", "triton", "compile")
-_EAGER_FAST = ("0", "off", "eager", "false", "no")  # FLUX2LOCAL_FAST spellings of "eager"
 _COMPILED: dict[tuple[str, torch.dtype], Callable[[torch.Tensor], torch.Tensor]] = {}
 _COMPILE_FAILED: list[str] = []
 _TRITON_FAILED: list[str] = []
@@ -294,8 +294,6 @@ def requested_decoder() -> str:
         raise ValueError(f"{ENV_DECODER}={asked!r} is not valid: choose one of {', '.join(DECODERS)}")
     if asked == "auto" and os.environ.get("FLUX2LOCAL_COMPILE_DEQUANT", "0") == "1":
         return "compile"
-    if asked == "auto" and os.environ.get("FLUX2LOCAL_FAST", "auto").strip().lower() in _EAGER_FAST:
-        return "torch"
     return asked
 
 

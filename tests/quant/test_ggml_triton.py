@@ -73,6 +73,10 @@ def _blocks(name: str, n_blocks: int, seed: int) -> np.ndarray:
     return raw
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.view(torch.int32 if x.dtype == torch.float32 else torch.int16)
+
+
 def test_kernels_cover_the_published_types(kernels):
     assert set(kernels.KERNELS) == set(F16_FIELDS)
     assert set(F16_FIELDS) >= {"Q8_0", "Q4_K", "Q5_K", "Q6_K"}
@@ -91,9 +95,8 @@ def test_kernel_equals_gguf_reference(name, kernels, triton_decoder):
     assert torch.isfinite(ref).all() and ref.abs().max() > 1e4 and (ref == 0).any()
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         got = dequantize_ggml(torch.from_numpy(raw), t, (rows, cols), dtype)
-        # bit for bit (float32), the float32 value rounded once (bf16, fp16); -0.0 kept as the reference
-        assert torch.equal(got.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           ref.to(dtype).view(torch.int16 if dtype != torch.float32 else torch.int32)), dtype  # fmt: skip
+        # bit for bit (float32), the float32 value rounded once (bf16, fp16); signed zeros included
+        assert torch.equal(_bits(got), _bits(ref.to(dtype))), dtype
     assert ggml.DECODER_CALLS == {"triton": 3}
 
 
@@ -152,8 +155,10 @@ def test_decoder_choice(monkeypatch):
     assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "triton"  # the default on CUDA
     assert ggml.decoder_for(GGML_TYPES["IQ4_XS"], cuda, torch.bfloat16) == "torch"  # no kernel
     assert ggml.decoder_for(q4, cpu, torch.bfloat16) == "torch"  # auto never interprets
-    monkeypatch.setenv("FLUX2LOCAL_FAST", "0")
-    assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "torch"  # the reference code everywhere
+    monkeypatch.setenv("FLUX2LOCAL_FAST", "0")  # eager blocks keep the (bit-exact) kernels
+    assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "triton"
+    monkeypatch.setenv("FLUX2LOCAL_GGUF_DECODER", "torch")
+    assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "torch"
     monkeypatch.setenv("FLUX2LOCAL_GGUF_DECODER", "triton")
     assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "triton"  # explicit wins
     assert ggml.decoder_for(q4, cpu, torch.bfloat16) == "triton"  # TRITON_INTERPRET=1 here
@@ -164,7 +169,6 @@ def test_decoder_choice(monkeypatch):
         ggml.decoder_for(q4, cuda, torch.bfloat16)
     monkeypatch.setenv("FLUX2LOCAL_GGUF_DECODER", "auto")
     monkeypatch.setattr(ggml, "_TRITON_FAILED", ["an earlier failure"])
-    monkeypatch.delenv("FLUX2LOCAL_FAST")
     assert ggml.decoder_for(q4, cuda, torch.bfloat16) == "torch"
 
 
