@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .ggml import GGML_TYPES
+
 # Output kinds (constexpr): the dtype the kernel stores.
 _F32, _F16, _BF16 = 0, 1, 2
 OUT_KIND = {torch.float32: _F32, torch.float16: _F16, torch.bfloat16: _BF16}
@@ -214,20 +216,19 @@ def _q6_k(src, dst, n, BPP: tl.constexpr, OUT: tl.constexpr):  # ql 128 | qh 64 
     _store(dst + b * 256 + s * 32 + j, (d * scale.to(tl.float32)) * q.to(tl.float32), ok, OUT)
 
 
-# type name -> (kernel, blocks per program): 4096 values per program either way
+# type name -> (kernel, values per block, blocks per program): 4096 values per program either way
 KERNELS = {
-    "Q8_0": (_q8_0, 128),
-    "Q4_0": (_q4_0, 128),
-    "Q4_1": (_q4_1, 128),
-    "Q5_0": (_q5_0, 128),
-    "Q5_1": (_q5_1, 128),
-    "Q2_K": (_q2_k, 16),
-    "Q3_K": (_q3_k, 16),
-    "Q4_K": (_q4_k, 16),
-    "Q5_K": (_q5_k, 16),
-    "Q6_K": (_q6_k, 16),
+    "Q8_0": (_q8_0, 32, 128),
+    "Q4_0": (_q4_0, 32, 128),
+    "Q4_1": (_q4_1, 32, 128),
+    "Q5_0": (_q5_0, 32, 128),
+    "Q5_1": (_q5_1, 32, 128),
+    "Q2_K": (_q2_k, 256, 16),
+    "Q3_K": (_q3_k, 256, 16),
+    "Q4_K": (_q4_k, 256, 16),
+    "Q5_K": (_q5_k, 256, 16),
+    "Q6_K": (_q6_k, 256, 16),
 }
-
 
 # The interpreter (CPU) runs programs one after another in Python, a few ms each whatever their
 # size: bigger programs there keep the tests fast. Same kernels, same values.
@@ -236,7 +237,7 @@ INTERPRETER_BPP_FACTOR = 16
 
 def blocks_per_program(name: str, device: torch.device) -> int:
     """Blocks one program decodes: 4096 values on the GPU (and 16 times more interpreted)."""
-    return KERNELS[name][1] * (INTERPRETER_BPP_FACTOR if device.type == "cpu" else 1)
+    return KERNELS[name][2] * (INTERPRETER_BPP_FACTOR if device.type == "cpu" else 1)
 
 
 def decode_into(raw: torch.Tensor, name: str, out: torch.Tensor) -> None:
@@ -247,11 +248,11 @@ def decode_into(raw: torch.Tensor, name: str, out: torch.Tensor) -> None:
         name: the GGML type name, a key of ``KERNELS``.
         out: contiguous float32 / float16 / bfloat16 tensor with one value per decoded value.
     """
-    kernel = KERNELS[name][0]
+    kernel, block, _ = KERNELS[name]
     bpp = blocks_per_program(name, raw.device)
-    n_values = out.numel()
-    block = 256 if name.endswith("_K") else 32
-    n_blocks = n_values // block
+    n_blocks = out.numel() // block
+    if out.numel() % block or raw.numel() != n_blocks * GGML_TYPES[name].type_size:  # never read past
+        raise ValueError(f"{name}: {raw.numel()} stored bytes do not hold {out.numel()} values")
     dst = out.view(torch.int16) if out.dtype == torch.bfloat16 else out
     grid = (triton.cdiv(n_blocks, bpp),)
     if raw.device.type == "cuda":

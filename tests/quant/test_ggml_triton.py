@@ -79,6 +79,9 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 def test_kernels_cover_the_published_types(kernels):
     assert set(kernels.KERNELS) == set(F16_FIELDS)
+    assert all(kernels.KERNELS[n][1] == GGML_TYPES[n].block for n in F16_FIELDS)
+    with pytest.raises(ValueError, match="stored bytes"):  # a size mismatch never reaches a kernel
+        kernels.decode_into(torch.zeros(143, dtype=torch.uint8), "Q4_K", torch.empty(256))
     assert set(F16_FIELDS) >= {"Q8_0", "Q4_K", "Q5_K", "Q6_K"}
 
 

@@ -26,7 +26,7 @@ def _compile(module, name: str, out: int, arch: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel, bpp = module.KERNELS[name]
+    kernel, _, bpp = module.KERNELS[name]
     dst = {0: "*fp32", 1: "*fp16", 2: "*i16"}[out]
     src = ASTSource(
         fn=kernel,
