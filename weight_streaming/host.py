@@ -214,10 +214,17 @@ class InPlaceHost(BlockHost):
 
 
 def set_param_data(p: nn.Parameter, data: torch.Tensor) -> None:
-    """Point a parameter at new data; a meta parameter is swapped in place (.data cannot leave meta)."""
-    if p.device.type == "meta" and data.device.type != "meta":
-        torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
-    elif p.device.type != "meta" and data.device.type == "meta":
+    """Point a parameter at new data; swapped in place where ``.data =`` cannot do it.
+
+    ``.data`` cannot leave or enter the meta device. And a parameter made under inference mode (ComfyUI
+    runs nodes, and so loaders, under it) has no version counter: after ``.data = normal_tensor`` it
+    no longer reads as an inference tensor but still has none, and the next matmul on it fails with
+    "Inference tensors do not track version counter". Swapping in a fresh Parameter gives it one.
+    """
+    swap = (p.device.type == "meta") != (data.device.type == "meta") or (
+        p.is_inference() and not data.is_inference()
+    )
+    if swap:
         torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
     else:
         p.data = data
