@@ -58,8 +58,9 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
 
     # ------------------------------------------------------------------ what is where
     def _streamer(self):
-        s = self.flux2_holder.streamer
-        return s if s is not None and s.attached else None
+        """The holder's streamer while it pages blocks (a model placed whole is not "streamed")."""
+        h = self.flux2_holder
+        return h.streamer if h.streams else None
 
     def loaded_size(self) -> int:
         """Bytes of weights (and LoRA factors) on the compute device now."""
@@ -151,8 +152,7 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
                 return
             self._release()
             log.info("Flux2Local: loading %s fully onto %s (ComfyUI's memory manager)", h.label, device)
-            h.module.to(device)
-            h.device = device
+            h.place_resident(device)  # from page-locked copies; unloading copies nothing back
             return
         s = self._streamer()
         if s is not None and memory.same_device(s.device, device):
@@ -171,16 +171,8 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
         self._attach(device, budget)
 
     def _attach(self, device: torch.device, budget: int) -> None:
-        from ..weight_streaming import StreamingConfig, WeightStreamer
-
         h = self.flux2_holder
-        pinned = h.streaming.pinned_ram_gb if h.streaming is not None else 0
-        config = StreamingConfig.from_name(
-            "auto", vram_budget=int(budget), pinned_cap=int(pinned * GIB) if pinned > 0 else None
-        )
-        h.streamer = WeightStreamer(h.module, config, device)
-        h.streamer.attach()
-        h.device = device
+        h.place_streamed(device, int(budget))  # the holder's kept streamer: its pinned copies reused
         log.info(
             "Flux2Local: streaming %s within ComfyUI's %.2f GiB: %s",
             h.label,

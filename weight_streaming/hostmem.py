@@ -215,11 +215,18 @@ class PinnedLedger:
         with self._lock:
             return max(0, self.limit() - self.used - self.external())
 
-    def try_reserve(self, nbytes: int, exclude: object = None) -> bool:
-        """Reserve `nbytes` of page-locked memory; False if the limit does not allow it."""
+    def try_reserve(self, nbytes: int, exclude: object = None, keep_free: int = 0) -> bool:
+        """Reserve `nbytes` of page-locked memory; False if the limit does not allow it.
+
+        Args:
+            nbytes: bytes to reserve.
+            exclude: a streamer whose idle buffers must not be taken back (the one asking).
+            keep_free: bytes that must stay available after this reservation (e.g. for the
+                streamed blocks of the same attach, which need page-locked memory more).
+        """
         while True:
             with self._lock:
-                if self.used + self.external() + nbytes <= self.limit():
+                if self.used + self.external() + nbytes + keep_free <= self.limit():
                     self.used += nbytes
                     return True
                 victims = [r() for r in self._idle.values()]

@@ -240,6 +240,88 @@ def fill_host(
     return hosts, stager, stats
 
 
+def pin_whole(
+    layouts: list[BlockLayout],
+    *,
+    kept: dict[str, HostBuffer],
+    source: WeightSource | None,
+    cap: int | None,
+    keep_free: int,
+    threads: int,
+    reporter: Reporter,
+    owner: object,
+) -> tuple[dict[str, HostBuffer], FillStats]:
+    """Page-locked host copies of weights that are placed on the device whole (resident blocks, the
+    non-block parameters), so placing them is one DMA copy each, several worker threads filling them.
+
+    The parameters are pointed into the copies (their old memory, e.g. a mapped file's pages, is
+    dropped), so the host never holds them twice and taking them off the device copies nothing back.
+    Only as far as the limits allow after ``keep_free`` bytes are left for the streamed blocks (those
+    need page-locked memory at every step, these only while being placed); a layout that gets no
+    buffer is left where it is and placed from there.
+
+    Args:
+        layouts: the layouts to pin, most wanted first.
+        kept: pinned buffers kept from the last detach, by prefix; entries used here are removed.
+        source: the weight source (read from it instead of copying the parameters), or None.
+        cap: this streamer's own cap on page-locked bytes (None: only the process limit).
+        keep_free: page-locked bytes to leave for the streamed blocks of the same attach.
+        threads: worker threads.
+        reporter: progress ("pinning").
+        owner: the streamer (its own kept buffers are never taken back from it by the ledger).
+
+    Returns:
+        (buffers by layout prefix, what was done: ``pinned`` new bytes, ``reused`` kept bytes).
+    """
+    t0 = time.perf_counter()
+    stats = FillStats()
+    out: dict[str, HostBuffer] = {}
+    work: dict[int, _PinWork] = {}
+    shared = {"failed": False, "lock": threading.Lock()}
+    room = None if cap is None else max(0, cap - keep_free)
+    mine = 0
+    for j, lay in enumerate(layouts):
+        buf = kept.pop(lay.prefix, None)
+        if buf is not None and lay.points_into(buf.data):
+            # Kept (or taken back by the ledger and page-locked again in place): nothing is copied.
+            if buf.pinned or ((room is None or mine + buf.nbytes <= room) and buf.pin()):
+                mine += buf.nbytes
+                stats.reused += buf.nbytes
+                buf.layout = lay
+                out[lay.prefix] = buf
+            continue  # else the parameters keep the bytes there, as ordinary memory
+        if buf is not None:
+            buf.release()
+        if source is None and any(s.param.device.type == "meta" for s in lay.params):
+            continue  # placing it raises the error that names the missing source
+        n = lay.nbytes
+        if (room is None or mine + n <= room) and hostmem.LEDGER.try_reserve(n, owner, keep_free):
+            mine += n
+            work[j] = _PinWork(lay, source, shared, pin=True)
+        else:
+            stats.limit_hit = True
+    hosts: list[BlockHost | None] = [None] * len(layouts)
+    serial = source is not None and not getattr(source, "thread_safe", False)
+    _run_work(work, hosts, [], 1 if serial else threads, reporter, "reading" if source else "pinning")
+    for j in work:
+        host = hosts[j]
+        if isinstance(host, HostBuffer) and host.pinned:
+            host.layout = layouts[j]
+            out[layouts[j].prefix] = host
+            stats.pinned += host.nbytes
+    stats.pin_failed = shared["failed"]
+    stats.seconds = time.perf_counter() - t0
+    if stats.limit_hit or stats.pin_failed:
+        missing = sum(lay.nbytes for lay in layouts) - stats.pinned - stats.reused
+        logger.info(
+            "%.2f GiB of weights kept on the device are placed from pageable memory (%s): slower to "
+            "place, never copied back",
+            missing / GiB,
+            "the OS refused to page-lock more" if stats.pin_failed else "pinned-memory limit",
+        )
+    return out, stats
+
+
 def _run_work(
     work: dict[int, _PinWork],
     hosts: list,
