@@ -2,14 +2,18 @@
 
 A holder is what our custom socket types carry (FLUX2LOCAL_MODEL, _TEXT_ENCODER, _VAE). Weights
 are loaded on the offload device (CPU, memory-mapped where the file allows); ``prepare(device)``
-moves them fully to the GPU when they fit in the budget, or attaches the weight streamer (resident
-blocks + paging from pinned RAM) when they do not.
+places them through the holder's weight streamer: all of them when they fit in the budget (nothing
+streamed), else resident blocks + paging from pinned RAM.
 
-A streamed module keeps its streamer across offloads: ComfyUI offloading it gives the VRAM back
-(``detach(keep_pinned=True)``) but keeps the page-locked host buffers, so the next ``prepare``
-re-plans for the new budget and work and re-attaches without pinning again (pinning [dev] takes
-tens of seconds). The kept buffers stay within weight_streaming's process-wide pinned limit, which
-takes them back when another model needs pinned memory; ComfyUI's "unload all" (POST /free, the
+Either way the module keeps its streamer across offloads, and every weight (streamed, resident and
+non-block) has a page-locked host buffer that its parameter points into between runs, filled in
+parallel on the first placement. ComfyUI offloading the module (``detach(keep_pinned=True)``) only
+drops the GPU copies: nothing is copied back to the host, host memory does not grow, and the next
+``prepare`` re-plans for the new budget and work and places the weights again at pinned bandwidth
+without pinning again (pinning [dev] takes tens of seconds; copying a 7 GiB model back and forth
+through pageable memory took seconds per swap). The kept buffers stay within weight_streaming's
+process-wide pinned limit, which takes them back when another model needs pinned memory (past the
+limit weights are placed from where they were loaded); ComfyUI's "unload all" (POST /free, the
 "Free model and node cache" button) and dropping the holder release them.
 
 A transformer holder also carries a LoRA stack, applied (on the fly, beside the layers) each time it

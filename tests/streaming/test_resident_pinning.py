@@ -8,6 +8,8 @@ from and where the parameters point after a detach. Page-locking is simulated (`
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -210,3 +212,50 @@ def test_an_out_of_memory_retry_streams_blocks_from_the_copies_already_pinned(
         assert torch.equal(model(*inputs()), ref(*inputs()))
         ws.detach()
     assert fresh_ledger.used == 0 and not fake_pins.registered
+
+
+def _rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile line")
+
+
+class MappedBlocks(nn.Module):
+    streamable_blocks = ("blocks",)
+
+    def __init__(self, n: int, d: int) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = torch.tanh(b(x))
+        return x
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mapped-file pages are read on Linux")
+def test_weights_viewing_a_mapped_file_give_its_pages_back_once_pinned(tmp_path, fake_pins, fresh_ledger):
+    n, d = 8, 512  # 8 weights of 1 MiB, each a view of a memory-mapped file (as our loaders give)
+    torch.manual_seed(0)
+    model = MappedBlocks(n, d).eval()
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"".join(b.weight.detach().numpy().tobytes() for b in model.blocks))
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=path.stat().st_size)
+    step = d * d * 4
+    for i, b in enumerate(model.blocks):
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, i * step, (step,), (1,))
+        b.weight.data = raw.view(torch.float32).view(d, d)
+    x = torch.randn(2, d)
+    with torch.no_grad():
+        expected = model(x)  # touches every page of the file
+        before = _rss_file()
+        ws = WeightStreamer(
+            model, StreamingConfig(vram_budget=UNLIMITED, pin_memory=True, pin_resident=True), "cpu"
+        )
+        ws.attach()
+        dropped = before - _rss_file()
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+        ws.detach(keep_pinned=True)
+    assert fake_pins.bytes >= n * step
+    assert dropped >= n * step * 3 // 4  # the file's pages left the process (allowing other activity)
