@@ -4,9 +4,9 @@ ComfyUI (comfy/model_management.py) loads a MODEL with ``LoadedModel.model_load`
 ``patcher.partially_load(device, extra_bytes)`` (1e32 = everything), frees VRAM with
 ``partially_unload(offload, bytes)`` or ``detach()``, and plans with ``model_size()`` and
 ``loaded_size()``. ComfyUI's own patcher moves or casts single weights; here the same calls place the
-whole transformer: fully on the device when the budget holds it, else the weight streamer with that
-budget (resident blocks + ring, the rest paged from pinned RAM), re-planned when ComfyUI grants or
-takes back memory. ``loaded_size()`` reads where the weights really are (the holder's state), so a
+whole transformer through the holder's weight streamer: fully on the device when the budget holds it
+(from page-locked host copies, so unloading copies nothing back), else with that budget (resident
+blocks + ring, the rest paged from pinned RAM), re-planned when ComfyUI grants or takes back memory. ``loaded_size()`` reads where the weights really are (the holder's state), so a
 FLUX.2 node or our memory hook moving them is seen at once. Clones share the loaded module (ComfyUI's
 clones share ``self.model``); each clone carries its own LoRA stack (our FLUX.2 LoRA Loader's, then
 ComfyUI's LoRA patches converted by ``native_lora``), applied beside the layers when it runs, so a
@@ -116,7 +116,8 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
 
     # ------------------------------------------------------------------ placement
     def _release(self) -> None:
-        """All weights back on the offload device (streamer detached, its pinned memory freed)."""
+        """All weights back on the offload device (the holder's offload: GPU copies dropped, pinned
+        host copies kept; a streamer on a CPU compute device is detached and dropped)."""
         h = self.flux2_holder
         if h.on_gpu:
             h.offload()
