@@ -13,7 +13,6 @@ with the ledger, which takes those bytes back (oldest first) when another stream
 
 from __future__ import annotations
 
-import bisect
 import logging
 import mmap
 import os
@@ -196,16 +195,6 @@ def mapped_file_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-def in_ranges(t: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
-    """True if the CPU tensor ``t`` lies inside one of ``ranges`` (e.g. `mapped_file_ranges`)."""
-    if not ranges or t.device.type != "cpu" or not t.numel():
-        return False
-    lo = t.data_ptr()
-    hi = lo + t.numel() * t.element_size()
-    i = bisect.bisect_right(ranges, (lo, sys.maxsize)) - 1
-    return i >= 0 and ranges[i][0] <= lo and hi <= ranges[i][1]
-
-
 def _libc_madvise():
     import ctypes
 
@@ -221,8 +210,9 @@ def page_out_file_views(tensors: list[torch.Tensor], ranges: list[tuple[int, int
     """Give back the pages of ``tensors`` that lie in a mapped file (after their bytes were copied
     elsewhere), so the process does not count the weights twice (page-locked copy + file pages).
 
-    Adjacent tensors are merged first and advised together: the kernel keeps file pages in large
-    folios that it only reclaims when a whole folio is advised. Only whole pages inside one of
+    Adjacent tensors (a block's, stored back to back) are merged and advised together: the kernel
+    keeps file pages in large folios (up to 2 MiB) that it only reclaims when a whole folio is
+    advised, so only the folios at the ends of a range may stay. Only whole pages inside one of
     ``ranges`` (`mapped_file_ranges`) are advised, never page-locked or anonymous memory. A hint:
     other views of the same pages read them from the file again.
 

@@ -135,13 +135,9 @@ class _PinWork:
                 hostmem.unregister(data)
                 hostmem.LEDGER.release(n)
             raise
-        # Views of a mapped file: their pages go once all blocks are filled (large folios are only
-        # reclaimed whole). Anything else is dropped now, so a block's bytes are held twice only
-        # while it is copied.
-        mapped = [t for t in old if hostmem.in_ranges(t, self.shared["files"])]
-        if mapped:
-            with self.shared["lock"]:
-                self.shared["old"].extend(mapped)
+        # The block's weights viewed a memory-mapped file: its pages go now that the bytes are here,
+        # so the model is not held twice while the rest is filled.
+        hostmem.page_out_file_views(old, self.shared["files"])
         return HostBuffer(data, pinned, views, originals)
 
 
@@ -179,7 +175,7 @@ def fill_host(
     hosts: list[BlockHost | None] = [None] * len(layouts)
     work: dict[int, _PinWork] = {}
     sourced: list[int] = []
-    shared = {"failed": False, "lock": threading.Lock(), "old": [], "files": []}
+    shared = {"failed": False, "lock": threading.Lock(), "files": []}
     mine = copied = 0
     reused: set[int] = set()
     for lay in layouts:  # before any reservation, so an error leaves nothing reserved
@@ -224,7 +220,6 @@ def fill_host(
     serial = source is not None and not getattr(source, "thread_safe", False)
     shared["files"] = hostmem.mapped_file_ranges() if work else []
     _run_work(work, hosts, sourced, 1 if serial else threads, reporter, stage)
-    _page_out(shared)
     stats.pin_failed = shared["failed"]
     stager = None
     if sourced:
@@ -287,7 +282,7 @@ def pin_whole(
     stats = FillStats()
     out: dict[str, HostBuffer] = {}
     work: dict[int, _PinWork] = {}
-    shared = {"failed": False, "lock": threading.Lock(), "old": [], "files": []}
+    shared = {"failed": False, "lock": threading.Lock(), "files": []}
     room = None if cap is None else max(0, cap - keep_free)
     mine = 0
     for j, lay in enumerate(layouts):
@@ -314,7 +309,6 @@ def pin_whole(
     serial = source is not None and not getattr(source, "thread_safe", False)
     shared["files"] = hostmem.mapped_file_ranges() if work else []
     _run_work(work, hosts, [], 1 if serial else threads, reporter, "reading" if source else "pinning")
-    _page_out(shared)
     for j in work:
         host = hosts[j]
         if isinstance(host, HostBuffer) and host.pinned:
@@ -332,15 +326,6 @@ def pin_whole(
             "the OS refused to page-lock more" if stats.pin_failed else "pinned-memory limit",
         )
     return out, stats
-
-
-def _page_out(shared: dict) -> None:
-    """Weights that viewed a memory-mapped file now live in their buffers: the file's pages go."""
-    old, shared["old"] = shared["old"], []
-    if old:
-        freed = hostmem.page_out_file_views(old, shared["files"])
-        if freed:
-            logger.debug("gave back %.2f GiB of mapped-file pages now held in host buffers", freed / GiB)
 
 
 def _run_work(

@@ -236,7 +236,8 @@ class MappedBlocks(nn.Module):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mapped-file pages are read on Linux")
 def test_weights_viewing_a_mapped_file_give_its_pages_back_once_pinned(tmp_path, fake_pins, fresh_ledger):
-    n, d = 8, 512  # 8 weights of 1 MiB, each a view of a memory-mapped file (as our loaders give)
+    # 4 blocks of one 16 MiB weight, each a view of a memory-mapped file (as our loaders give).
+    n, d = 4, 2048
     torch.manual_seed(0)
     model = MappedBlocks(n, d).eval()
     path = tmp_path / "weights.bin"
@@ -258,4 +259,5 @@ def test_weights_viewing_a_mapped_file_give_its_pages_back_once_pinned(tmp_path,
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
         ws.detach(keep_pinned=True)
     assert fake_pins.bytes >= n * step
-    assert dropped >= n * step * 3 // 4  # the file's pages left the process (allowing other activity)
+    # The file's pages left the process (up to a large folio at each end of a block may stay).
+    assert dropped >= n * (step - (4 << 20))
