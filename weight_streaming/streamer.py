@@ -26,19 +26,18 @@ from .config import StreamingConfig
 from .errors import StreamingError
 from .estimate import estimate_blocks_seconds, measure_matmul_flops
 from .host import BlockHost, BlockLayout, HostBuffer, WeightSource, set_param_data
-from .pinning import AttachProgress, FillStats, Reporter, default_pin_threads, fill_host, pin_whole
+from .pinning import AttachProgress, FillStats, Reporter, default_pin_threads, fill_host
 from .planner import Plan, Timing, plan_residency
 from .profile import measure_link_bandwidth
 from .ring import DeviceOps, Ring
 from .scheduler import Scheduler
 from .staging import Stager
 from .telemetry import EventLog, Telemetry
+from .whole import pin_for_plan, put_back
 
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
-# Prefix of the layout that holds a model's non-block parameters (never a block's "path.index").
-FIXED = "<non-block>"
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -193,7 +192,9 @@ class WeightStreamer:
         plan = plan_residency(sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing)
         reporter = None
         if pin and cfg.pin_resident:
-            reporter = self._pin_whole(plan, fixed, reusable, progress)
+            reporter, self._fixed_layout, self._whole, self._whole_fill = pin_for_plan(
+                self.model, self._layouts, plan, fixed, self._kept, reusable, cfg, self.source, progress, self
+            )
         for attempt in range(cfg.max_oom_retries + 1):
             if attempt:
                 plan = plan_residency(
@@ -291,34 +292,6 @@ class WeightStreamer:
             plan.ring_slot_bytes / GiB,
         )
         return plan
-
-    def _pin_whole(self, plan: Plan, fixed: list[tuple[str, nn.Parameter]], reusable: set[int], progress):
-        """Page-locked copies of what ``plan`` places whole (resident blocks, then the non-block
-        parameters), leaving the page-locked bytes its streamed blocks need; returns the reporter
-        of this attempt (these copies, then placing and pinning the streamed blocks)."""
-        cfg = self.config
-        layouts = [self._layouts[i] for i in plan.resident_indices]
-        if fixed:
-            self._fixed_layout = BlockLayout.of_params(self.model, FIXED, fixed)
-            layouts.append(self._fixed_layout)
-        new = sum(
-            lay.nbytes
-            for lay in layouts
-            if not (lay.prefix in self._kept and lay.points_into(self._kept[lay.prefix].data))
-        )
-        streamed_new = sum(plan.block_sizes[i] for i in plan.streamed_indices if i not in reusable)
-        reporter = Reporter(progress, new + plan.fixed_bytes + plan.resident_bytes + streamed_new)
-        self._whole, self._whole_fill = pin_whole(
-            layouts,
-            kept=self._kept,
-            source=self.source,
-            cap=cfg.pinned_cap,
-            keep_free=plan.streamed_bytes,
-            threads=cfg.pin_threads or default_pin_threads(),
-            reporter=reporter,
-            owner=self,
-        )
-        return reporter
 
     def _place_whole(self, layout: BlockLayout, buf: HostBuffer) -> None:
         """One copy of a page-locked block onto the device; its parameters become views of it."""
@@ -444,14 +417,7 @@ class WeightStreamer:
                         set_param_data(s.param, t)
                 host.release()
             self._unplace()  # weights point at their host memory again: nothing is copied back
-            for prefix, buf in self._whole.items():
-                if keep_pinned and buf.pinned:
-                    self._kept[prefix] = buf
-                    continue
-                if buf.originals is not None:
-                    for s, t in zip(buf.layout.params, buf.originals):
-                        set_param_data(s.param, t)
-                buf.release()
+            put_back(self._whole, self._kept, keep_pinned)
             self.attached = False
             self._reset_state()
             if self._kept:
