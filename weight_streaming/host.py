@@ -65,16 +65,22 @@ class BlockLayout:
 
     @classmethod
     def of(cls, module: nn.Module, prefix: str) -> BlockLayout:
+        # remove_duplicate keeps tied parameters once: they share one place in the buffer.
+        named = [(f"{prefix}.{local}", p) for local, p in module.named_parameters(remove_duplicate=True)]
+        return cls.of_params(module, prefix, named)
+
+    @classmethod
+    def of_params(cls, module: nn.Module, prefix: str, named: list[tuple[str, nn.Parameter]]) -> BlockLayout:
+        """A layout of the given (full name, parameter) pairs, e.g. a model's non-block parameters."""
         layout = cls(prefix, module)
         seen: set[int] = set()
         offset = 0
-        # remove_duplicate keeps tied parameters once: they share one place in the buffer.
-        for local, p in module.named_parameters(remove_duplicate=True):
+        for name, p in named:
             if id(p) in seen:
                 continue
             seen.add(id(p))
             nbytes = p.numel() * p.element_size()
-            layout.params.append(ParamSlot(f"{prefix}.{local}", p, offset, nbytes, p.shape, p.dtype))
+            layout.params.append(ParamSlot(name, p, offset, nbytes, p.shape, p.dtype))
             offset = _align(offset + nbytes)
         layout.nbytes = offset
         return layout
