@@ -106,6 +106,8 @@ class Flux2LocalTestOutOfMemoryOnce(io.ComfyNode):
 
         handle = block.register_forward_pre_hook(fail_once)
         return io.NodeOutput(model)
+
+
 @contextmanager
 def _tiny_qwen3_sizes(path):
     import comfy.sd
@@ -257,5 +259,7 @@ async def memory_report(request):
             "forced_ooms": _STATE["forced_ooms"],
         }
     )
+
+
 async def comfy_entrypoint():
     return _Extension()
