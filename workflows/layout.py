@@ -1,0 +1,243 @@
+"""How a workflow description becomes ComfyUI's two JSON formats: the editor's (UI) and /prompt's (API).
+
+A workflow is a list of ``Node``s, each placed in a named column. Columns run left to right in the
+order of ``COLUMNS`` (note, models, prompt, references, sampling, output) and each is framed by a
+group; nodes stack top to bottom inside their column. Sizes are generous on purpose: the editor
+grows a node to fit its widgets (and image previews) but never shrinks it, so a layout made of
+these sizes keeps its gaps after the editor has laid it out (tests/comfyui checks the real bounds).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+# Title bar above each node's position (LiteGraph draws it outside the node's size).
+TITLE_H = 30
+GAP = 40  # between nodes in a column
+COLUMN_GAP = 70
+GROUP_PAD = 20
+GROUP_TITLE_H = 44
+
+# column key -> (group title, colour); the note column has no group.
+COLUMNS = {
+    "note": (None, None),
+    "models": ("1. Models", "#3f789e"),
+    "prompt": ("2. Prompt", "#8a6f3f"),
+    "references": ("3. Reference images", "#4f7a4f"),
+    "sampling": ("4. Sample", "#6f4f8a"),
+    "output": ("5. Decode and save", "#7a4f4f"),
+}
+
+# Per node type: outputs (name, type) and the widget inputs in schema order. A seed widget's
+# control_after_generate value follows it in widgets_values (UI only); so does the upload button's
+# value ("image") after a LoadImage file name.
+OUTPUTS = {
+    "Flux2LocalModelLoader": [("model", "FLUX2LOCAL_MODEL"), ("info", "STRING")],
+    "Flux2LocalLoRALoader": [("model", "FLUX2LOCAL_MODEL")],
+    "Flux2LocalTextEncoderLoader": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER")],
+    "Flux2LocalEncodePrompt": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("prompt", "STRING")],
+    "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING")],
+    "Flux2LocalSampler": [("LATENT", "LATENT")],
+    "Flux2LocalVAELoader": [("vae", "FLUX2LOCAL_VAE")],
+    "Flux2LocalVAEDecode": [("IMAGE", "IMAGE")],
+    "Flux2LocalContentFilter": [("prompt", "STRING"), ("reference_images", "IMAGE"), ("images", "IMAGE")],
+    "Flux2LocalSaveImage": [],
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "SaveImage": [],
+    "MarkdownNote": [],
+}
+WIDGETS = {
+    "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
+    "Flux2LocalLoRALoader": ["lora_name", "strength"],
+    "Flux2LocalTextEncoderLoader": ["text_encoder_name", "tokenizer", "dtype"],
+    "Flux2LocalEncodePrompt": ["prompt", "negative_prompt", "upsample_prompt", "upsample_seed", "upsample_max_tokens"],
+    "Flux2LocalMultiReference": ["megapixels_per_reference"],
+    "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
+    "Flux2LocalVAELoader": ["vae_name", "dtype"],
+    "Flux2LocalVAEDecode": ["tiling"],
+    "Flux2LocalContentFilter": ["classifier", "nsfw_threshold", "vlm_check", "vlm_threshold", "prompt"],
+    "Flux2LocalSaveImage": ["filename_prefix", "format", "jpeg_quality", "watermark", "c2pa_certificate", "c2pa_private_key"],
+    "LoadImage": ["image"],
+    "SaveImage": ["filename_prefix"],
+    "MarkdownNote": ["text"],
+}
+SEED_WIDGETS = {("Flux2LocalSampler", "seed")}
+UPLOAD_WIDGETS = {("LoadImage", "image")}
+# Socket inputs in schema order (Multi-Reference shows the connected images plus one free slot).
+LINK_INPUTS = {
+    "Flux2LocalLoRALoader": [("model", "FLUX2LOCAL_MODEL")],
+    "Flux2LocalEncodePrompt": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER"), ("upsample_images", "IMAGE")],
+    "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("vae", "FLUX2LOCAL_VAE")]
+    + [(f"images.image_{i}", "IMAGE") for i in range(1, 11)],
+    "Flux2LocalSampler": [
+        ("model", "FLUX2LOCAL_MODEL"),
+        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("latent", "LATENT"),
+    ],
+    "Flux2LocalVAEDecode": [("vae", "FLUX2LOCAL_VAE"), ("samples", "LATENT")],
+    "Flux2LocalContentFilter": [
+        ("text_encoder", "FLUX2LOCAL_TEXT_ENCODER"),
+        ("reference_images", "IMAGE"),
+        ("images", "IMAGE"),
+    ],
+    "Flux2LocalSaveImage": [("images", "IMAGE"), ("model", "FLUX2LOCAL_MODEL")],
+    "SaveImage": [("images", "IMAGE")],
+}
+# (width, height) of the node body. The Sampler and the image savers leave room below their widgets
+# for the live preview and the result; Load Image for its picture.
+SIZES = {
+    "Flux2LocalModelLoader": (380, 210),
+    "Flux2LocalLoRALoader": (380, 110),
+    "Flux2LocalTextEncoderLoader": (380, 90),
+    "Flux2LocalVAELoader": (380, 90),
+    "Flux2LocalEncodePrompt": (420, 330),
+    "Flux2LocalMultiReference": (340, 190),
+    "Flux2LocalSampler": (380, 640),
+    "Flux2LocalVAEDecode": (360, 90),
+    "Flux2LocalContentFilter": (360, 240),
+    "Flux2LocalSaveImage": (460, 560),
+    "LoadImage": (340, 400),
+    "SaveImage": (460, 560),
+    "MarkdownNote": (460, 860),
+}
+
+
+@dataclass
+class Node:
+    """One node: its widget values in ``WIDGETS`` order and its socket links.
+
+    Attributes:
+        links: input name -> (source node id, source output slot).
+        models: the Missing Models dialog's entries for this loader ({name, url, directory}).
+    """
+
+    id: int
+    type: str
+    column: str
+    widgets: list = field(default_factory=list)
+    links: dict[str, tuple[int, int]] = field(default_factory=dict)
+    title: str | None = None
+    models: list[dict] | None = None
+    seed_control: str = "randomize"
+
+
+def to_api(nodes: list[Node]) -> dict:
+    """The /prompt format: {id: {class_type, inputs, _meta}}; editor-only nodes are left out."""
+    out = {}
+    for n in nodes:
+        if n.type == "MarkdownNote":
+            continue
+        inputs = dict(zip(WIDGETS[n.type], n.widgets))
+        inputs.update({k: [str(src), slot] for k, (src, slot) in n.links.items()})
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return out
+
+
+def _ui_inputs(n: Node) -> list[tuple[str, str]]:
+    spec = LINK_INPUTS.get(n.type, [])
+    if n.type != "Flux2LocalMultiReference":
+        return spec
+    used = sum(1 for k in n.links if k.startswith("images."))
+    return spec[:2] + spec[2 : 2 + min(used + 1, 10)]
+
+
+def place(nodes: list[Node]) -> tuple[dict[int, tuple[float, float]], list[dict]]:
+    """Positions (node body top-left) and groups: columns left to right, nodes stacked in each."""
+    pos: dict[int, tuple[float, float]] = {}
+    groups = []
+    x = 0.0
+    for key, (title, colour) in COLUMNS.items():
+        members = [n for n in nodes if n.column == key]
+        if not members:
+            continue
+        framed = title is not None
+        inner_x = x + (GROUP_PAD if framed else 0)
+        y = (GROUP_TITLE_H if framed else 0) + TITLE_H
+        width = max(SIZES[n.type][0] for n in members)
+        for n in members:
+            pos[n.id] = (inner_x, y)
+            y += SIZES[n.type][1] + GAP + TITLE_H
+        if framed:
+            bottom = y - GAP - TITLE_H + GROUP_PAD
+            groups.append(
+                {
+                    "id": len(groups) + 1,
+                    "title": title,
+                    "bounding": [x, 0, width + 2 * GROUP_PAD, bottom],
+                    "color": colour,
+                    "font_size": 24,
+                    "flags": {},
+                }
+            )
+            x += width + 2 * GROUP_PAD + COLUMN_GAP
+        else:
+            x += width + COLUMN_GAP
+    return pos, groups
+
+
+def to_ui(nodes: list[Node], name: str) -> dict:
+    """The editor's format (version 0.4): nodes with positions and sizes, links, groups."""
+    pos, groups = place(nodes)
+    links, ui_nodes = [], []
+    out_links: dict[tuple[int, int], list[int]] = {}
+    in_links: dict[tuple[int, str], int] = {}
+    by_id = {n.id: n for n in nodes}
+    for n in nodes:
+        for inp, (src, slot) in n.links.items():
+            link_id = len(links) + 1
+            ltype = OUTPUTS[by_id[src].type][slot][1]
+            target_slot = [i for i, _ in _ui_inputs(n)].index(inp)
+            links.append([link_id, src, slot, n.id, target_slot, ltype])
+            out_links.setdefault((src, slot), []).append(link_id)
+            in_links[(n.id, inp)] = link_id
+    for order, n in enumerate(nodes):
+        widgets = []
+        for wname, value in zip(WIDGETS[n.type], n.widgets):
+            widgets.append(value)
+            if (n.type, wname) in SEED_WIDGETS:
+                widgets.append(n.seed_control)
+            if (n.type, wname) in UPLOAD_WIDGETS:
+                widgets.append("image")
+        properties: dict = {"Node name for S&R": n.type}
+        if n.models:
+            properties["models"] = n.models
+        node = {
+            "id": n.id,
+            "type": n.type,
+            "pos": list(pos[n.id]),
+            "size": list(SIZES[n.type]),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": [
+                {"name": inp, "type": t, "link": in_links.get((n.id, inp))}
+                | ({"label": inp.split(".")[-1]} if "." in inp else {})
+                for inp, t in _ui_inputs(n)
+            ],
+            "outputs": [
+                {"name": oname, "type": t, "links": out_links.get((n.id, slot), []), "slot_index": slot}
+                for slot, (oname, t) in enumerate(OUTPUTS[n.type])
+            ],
+            "properties": properties,
+            "widgets_values": widgets,
+        }
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    right = max(p[0] + SIZES[by_id[i].type][0] for i, p in pos.items())
+    bottom = max(p[1] + SIZES[by_id[i].type][1] for i, p in pos.items())
+    # Fit the whole graph into a 1600 x 900 view at first sight (the editor restores this view).
+    scale = round(min(1.0, 1500 / right, 840 / bottom), 3)
+    return {
+        "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"flux2local/workflows/{name}")),
+        "revision": 0,
+        "last_node_id": max(n.id for n in nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": groups,
+        "config": {},
+        "extra": {"ds": {"scale": scale, "offset": [60 / scale, 50 / scale]}},
+        "version": 0.4,
+    }
