@@ -61,6 +61,14 @@ _GUIDANCE_TITLES = {
 }
 
 
+def _variant_title(cfg) -> str:
+    """ "[klein] 4B" etc.; a file of no published size (e.g. a test model) says which kind it is."""
+    if cfg.variant in _VARIANT_TITLES:
+        return _VARIANT_TITLES[cfg.variant]
+    kind = "[dev]" if cfg.guidance_embed else "[klein]" if cfg.distilled else "[klein] base"
+    return f"{kind}-type model of no published size"
+
+
 def _describe_model(model, path: str) -> tuple[str, dict]:
     """What the loader found: a few lines for the node and the log, and the editor's facts.
 
@@ -75,8 +83,9 @@ def _describe_model(model, path: str) -> tuple[str, dict]:
     plan = plan_guidance(cfg, None)
     fmt = getattr(model, "checkpoint_format", "?")
     mix = format_quant_summary(getattr(model, "quant_summary", None) or {})
+    title = _variant_title(cfg)
     lines = [
-        f"FLUX.2 {_VARIANT_TITLES.get(cfg.variant, cfg.variant)}: "
+        f"FLUX.2 {title}: "
         + _GUIDANCE_TITLES[plan.mode].format(scale=plan.scale or 0.0, steps=plan.default_steps),
         " · ".join(x for x in (_FORMAT_TITLES.get(fmt, fmt), mix, f"{module_bytes(model) / GIB:.2f} GiB") if x),
         f"{cfg.depth} double + {cfg.depth_single} single blocks, hidden {cfg.hidden_size}, "
@@ -84,7 +93,7 @@ def _describe_model(model, path: str) -> tuple[str, dict]:
     ]
     facts = {
         "variant": cfg.variant,
-        "title": _VARIANT_TITLES.get(cfg.variant, cfg.variant),
+        "title": title,
         "guidance": plan.mode,
         "default_steps": plan.default_steps,
         "default_guidance": plan.scale,

@@ -8,9 +8,12 @@
 // - FLUX.2 Model Loader shows what it detected after a run (variant, format, size, storage mix), and
 //   the sampler's guidance widget is named for what it sets on that model: embedded guidance
 //   ([dev]), CFG scale (base [klein]) or nothing (distilled [klein]).
+//   When ComfyUI reuses a cached loader (nothing to run), the text comes from the last run of a
+//   loader with the same settings in ComfyUI's history.
 // Widget values and their order are the server's: saved workflows are unaffected by this file.
 
 const { app } = window.comfyAPI.app;
+const { api } = window.comfyAPI.api;
 
 const PACK_PREFIX = "Flux2Local";
 const LOADER = "Flux2LocalModelLoader";
@@ -103,8 +106,49 @@ function addInfoWidget(node) {
   widget.value = "";
 }
 
+function showDetected(node, output) {
+  node.flux2localModel = output?.flux2local_model?.[0] ?? null;
+  const widget = node.widgets?.find((w) => w.name === INFO_WIDGET);
+  if (widget) widget.value = (output?.text ?? []).join("\n");
+  node.graph?.setDirtyCanvas(true, true);
+}
+
+// A cached loader does not run, so ComfyUI sends it no output: find what it showed last time.
+async function recallCached(nodeIds) {
+  const loaders = nodeIds
+    .map((id) => app.graph?.getNodeById?.(Number(id)))
+    .filter((n) => n?.type === LOADER);
+  if (!loaders.length) return;
+  let history;
+  try {
+    history = await (await api.fetchApi("/history?max_items=200")).json();
+  } catch {
+    return;
+  }
+  const entries = Object.values(history ?? {}).reverse(); // newest first
+  for (const node of loaders) {
+    const settings = Object.fromEntries((node.widgets ?? []).filter((w) => w.serialize !== false).map((w) => [w.name, w.value]));
+    for (const entry of entries) {
+      const prompt = entry?.prompt?.[2] ?? {};
+      const match = Object.entries(prompt).find(
+        ([id, n]) =>
+          n.class_type === LOADER &&
+          entry.outputs?.[id]?.text &&
+          Object.entries(n.inputs ?? {}).every(([k, v]) => !(k in settings) || settings[k] === v),
+      );
+      if (match) {
+        showDetected(node, entry.outputs[match[0]]);
+        break;
+      }
+    }
+  }
+}
+
 app.registerExtension({
   name: "Flux2Local.editor",
+  setup() {
+    api.addEventListener("execution_cached", (e) => recallCached(e.detail?.nodes ?? []));
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name?.startsWith(PACK_PREFIX)) return;
     const specs = inputSpecs(nodeData);
@@ -125,10 +169,7 @@ app.registerExtension({
       const executed = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (output) {
         executed?.apply(this, arguments);
-        this.flux2localModel = output?.flux2local_model?.[0] ?? null;
-        const widget = this.widgets?.find((w) => w.name === INFO_WIDGET);
-        if (widget) widget.value = (output?.text ?? []).join("\n");
-        this.graph?.setDirtyCanvas(true, true);
+        showDetected(this, output);
       };
     }
   },

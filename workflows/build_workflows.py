@@ -22,7 +22,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from layout import Node, to_api, to_ui  # noqa: E402
+from layout import Node, note_size, to_api, to_ui  # noqa: E402
 
 TEMPLATES_DIR = HERE.parent / "example_workflows"
 API_DIR = HERE / "api"
@@ -32,12 +32,32 @@ COMFY_DEV = f"{HF}/Comfy-Org/flux2-dev/resolve/main/split_files"
 COMFY_KLEIN = f"{HF}/Comfy-Org/flux2-klein/resolve/main/split_files"
 # (file name, ComfyUI model folder, download URL) of every file the workflows name. The tiny
 # random set (flux2_core/tiny) uses the same names, so the workflows run unchanged on it.
-DEV_FP8 = ("flux2_dev_fp8mixed.safetensors", "diffusion_models", f"{COMFY_DEV}/diffusion_models/flux2_dev_fp8mixed.safetensors")
-DEV_GGUF = ("flux2-dev-Q4_K_M.gguf", "diffusion_models", f"{HF}/city96/FLUX.2-dev-gguf/resolve/main/flux2-dev-Q4_K_M.gguf")
-MISTRAL = ("mistral_3_small_flux2_bf16.safetensors", "text_encoders", f"{COMFY_DEV}/text_encoders/mistral_3_small_flux2_bf16.safetensors")
+DEV_FP8 = (
+    "flux2_dev_fp8mixed.safetensors",
+    "diffusion_models",
+    f"{COMFY_DEV}/diffusion_models/flux2_dev_fp8mixed.safetensors",
+)
+DEV_GGUF = (
+    "flux2-dev-Q4_K_M.gguf",
+    "diffusion_models",
+    f"{HF}/city96/FLUX.2-dev-gguf/resolve/main/flux2-dev-Q4_K_M.gguf",
+)
+MISTRAL = (
+    "mistral_3_small_flux2_bf16.safetensors",
+    "text_encoders",
+    f"{COMFY_DEV}/text_encoders/mistral_3_small_flux2_bf16.safetensors",
+)
 MISTRAL_FP8_URL = f"{COMFY_DEV}/text_encoders/mistral_3_small_flux2_fp8.safetensors"
-KLEIN = ("flux-2-klein-4b.safetensors", "diffusion_models", f"{COMFY_KLEIN}/diffusion_models/flux-2-klein-4b.safetensors")
-KLEIN_BASE = ("flux-2-klein-base-4b.safetensors", "diffusion_models", f"{COMFY_KLEIN}/diffusion_models/flux-2-klein-base-4b.safetensors")
+KLEIN = (
+    "flux-2-klein-4b.safetensors",
+    "diffusion_models",
+    f"{COMFY_KLEIN}/diffusion_models/flux-2-klein-4b.safetensors",
+)
+KLEIN_BASE = (
+    "flux-2-klein-base-4b.safetensors",
+    "diffusion_models",
+    f"{COMFY_KLEIN}/diffusion_models/flux-2-klein-base-4b.safetensors",
+)
 QWEN = ("qwen_3_4b.safetensors", "text_encoders", f"{COMFY_KLEIN}/text_encoders/qwen_3_4b.safetensors")
 VAE = ("flux2-vae.safetensors", "vae", f"{COMFY_DEV}/vae/flux2-vae.safetensors")
 TURBO = ("Flux2TurboComfyv2.safetensors", "loras", f"{COMFY_DEV}/loras/Flux2TurboComfyv2.safetensors")
@@ -56,6 +76,7 @@ class Template:
     nodes: list[Node]
     note: str
     card: dict  # what the card picture shows (workflows/thumbnails.py)
+    titles: dict | None = None  # group titles other than the usual ones (layout.COLUMNS)
 
 
 def _models(*files: tuple[str, str, str]) -> list[dict] | None:
@@ -90,12 +111,24 @@ def pipeline(
         Node(1, "Flux2LocalModelLoader", "models", [model[0], "bf16", True, 0.0, 0.0], models=_models(model)),
         Node(2, "Flux2LocalTextEncoderLoader", "models", [te[0], "auto", "bf16"], models=_models(te)),
         Node(3, "Flux2LocalVAELoader", "models", [VAE[0], "bf16"], models=_models(VAE)),
-        Node(4, "Flux2LocalEncodePrompt", "prompt", [prompt, negative, False, 0, 512], {"text_encoder": (2, 0)}),
+        Node(
+            4, "Flux2LocalEncodePrompt", "prompt", [prompt, negative, False, 0, 512], {"text_encoder": (2, 0)}
+        ),
     ]
     model_out = (1, 0)
     if lora is not None:
         file, strength = lora
-        nodes.insert(1, Node(9, "Flux2LocalLoRALoader", "models", [file[0], strength], {"model": (1, 0)}, models=_models(file)))
+        nodes.insert(
+            1,
+            Node(
+                9,
+                "Flux2LocalLoRALoader",
+                "models",
+                [file[0], strength],
+                {"model": (1, 0)},
+                models=_models(file),
+            ),
+        )
         model_out = (9, 0)
     cond = (4, 0)
     if refs:
@@ -103,16 +136,34 @@ def pipeline(
         for i, name in enumerate(refs, start=1):
             nodes.append(Node(20 + i, "LoadImage", "references", [name]))
             links[f"images.image_{i}"] = (20 + i, 0)
-        nodes.append(Node(5, "Flux2LocalMultiReference", "references", [1.0], links))
+        nodes.append(Node(5, "Flux2LocalMultiReference", "references", [1.0], links, sub=1))
         cond = (5, 0)
     nodes += [
-        Node(6, "Flux2LocalSampler", "sampling", [1024, 1024, 42, steps, guidance, 1.0], {"model": model_out, "conditioning": cond}),
+        Node(
+            6,
+            "Flux2LocalSampler",
+            "sampling",
+            [1024, 1024, 42, steps, guidance, 1.0],
+            {"model": model_out, "conditioning": cond},
+        ),
         Node(7, "Flux2LocalVAEDecode", "output", ["auto"], {"vae": (3, 0), "samples": (6, 0)}),
     ]
     if safety:
         nodes += [
-            Node(10, "Flux2LocalContentFilter", "output", [NSFW_CLASSIFIER, 0.85, "off", 0.5, ""], {"images": (7, 0)}),
-            Node(8, "Flux2LocalSaveImage", "output", [prefix, "png", 90, True, "", ""], {"images": (10, 2), "model": (1, 0)}),
+            Node(
+                10,
+                "Flux2LocalContentFilter",
+                "output",
+                [NSFW_CLASSIFIER, 0.85, "off", 0.5, ""],
+                {"images": (7, 0)},
+            ),
+            Node(
+                8,
+                "Flux2LocalSaveImage",
+                "output",
+                [prefix, "png", 90, True, "", ""],
+                {"images": (10, 2), "model": (1, 0)},
+            ),
         ]
     else:
         nodes.append(Node(8, "SaveImage", "output", [prefix], {"images": (7, 0)}))
@@ -156,15 +207,31 @@ def templates() -> list[Template]:
         Template(
             "flux2_klein_4b_text_to_image",
             "FLUX.2 klein 4B - text to image",
-            pipeline(KLEIN, QWEN, "A lighthouse on a cliff in a storm, oil painting", prefix="flux2_klein_4b"),
-            _note("FLUX.2 [klein] 4B: text to image", "The fastest FLUX.2: 4 steps, no guidance.", KLEIN_FILES, KLEIN_HOW),
-            {"model": "klein 4B", "task": "text to image", "badges": ["4 steps", "8-12 GB"], "steps": ["models", "prompt", "sample", "save"]},
+            pipeline(
+                KLEIN, QWEN, "A lighthouse on a cliff in a storm, oil painting", prefix="flux2_klein_4b"
+            ),
+            _note(
+                "FLUX.2 [klein] 4B: text to image",
+                "The fastest FLUX.2: 4 steps, no guidance.",
+                KLEIN_FILES,
+                KLEIN_HOW,
+            ),
+            {
+                "model": "klein 4B",
+                "task": "text to image",
+                "badges": ["4 steps", "8-12 GB"],
+                "steps": ["models", "prompt", "sample", "save"],
+            },
         ),
         Template(
             "flux2_edit_single_image",
             "FLUX.2 klein 4B - edit an image",
             pipeline(
-                KLEIN, QWEN, "Make it a winter scene with snow on every surface", refs=REFERENCE_IMAGES[:1], prefix="flux2_edit"
+                KLEIN,
+                QWEN,
+                "Make it a winter scene with snow on every surface",
+                refs=REFERENCE_IMAGES[:1],
+                prefix="flux2_edit",
             ),
             _note(
                 "FLUX.2 [klein] 4B: edit an image",
@@ -174,11 +241,16 @@ def templates() -> list[Template]:
                 "change, press Run. Set the sampler's width and height to the shape you want out (the "
                 "picture's aspect ratio usually).\n\n" + KLEIN_HOW.split("\n\n", 1)[1],
             ),
-            {"model": "klein 4B", "task": "edit an image", "badges": ["1 reference", "8-12 GB"], "steps": ["models", "prompt", "image", "sample", "save"]},
+            {
+                "model": "klein 4B",
+                "task": "edit an image",
+                "badges": ["1 reference", "8-12 GB"],
+                "steps": ["models", "prompt", "image", "sample", "save"],
+            },
         ),
         Template(
             "flux2_multi_reference",
-            "FLUX.2 klein 4B - combine reference images",
+            "FLUX.2 klein 4B - combine images",
             pipeline(
                 KLEIN,
                 QWEN,
@@ -195,13 +267,22 @@ def templates() -> list[Template]:
                 "Each reference adds tokens: lower *megapixels_per_reference* if it gets slow.\n\n"
                 + KLEIN_HOW.split("\n\n", 1)[1],
             ),
-            {"model": "klein 4B", "task": "combine references", "badges": ["up to 10 images", "12 GB"], "steps": ["models", "prompt", "images", "sample", "save"]},
+            {
+                "model": "klein 4B",
+                "task": "combine references",
+                "badges": ["up to 10 images", "12 GB"],
+                "steps": ["models", "prompt", "images", "sample", "save"],
+            },
         ),
         Template(
             "flux2_klein_base_cfg",
-            "FLUX.2 klein base 4B - text to image with CFG",
+            "FLUX.2 klein base 4B - with CFG",
             pipeline(
-                KLEIN_BASE, QWEN, "A ceramic teapot shaped like a snail, studio photo", negative="blurry, low quality", prefix="flux2_klein_base"
+                KLEIN_BASE,
+                QWEN,
+                "A ceramic teapot shaped like a snail, studio photo",
+                negative="blurry, low quality",
+                prefix="flux2_klein_base",
             ),
             _note(
                 "FLUX.2 [klein] base 4B: text to image with CFG",
@@ -213,12 +294,23 @@ def templates() -> list[Template]:
                 "used). Steps on auto = 50.\n\n**12 GB card**: fits as it is.\n\nModel card: "
                 f"[black-forest-labs/FLUX.2-klein-base-4B]({HF}/black-forest-labs/FLUX.2-klein-base-4B).",
             ),
-            {"model": "klein base 4B", "task": "CFG + negative prompt", "badges": ["50 steps", "12 GB"], "steps": ["models", "prompt", "sample", "save"]},
+            {
+                "model": "klein base 4B",
+                "task": "CFG + negative prompt",
+                "badges": ["50 steps", "12 GB"],
+                "steps": ["models", "prompt", "sample", "save"],
+            },
         ),
         Template(
             "flux2_dev_text_to_image",
             "FLUX.2 dev - text to image",
-            pipeline(DEV_FP8, MISTRAL, "A red fox sitting in fresh snow at sunrise, detailed fur, 85mm photo", steps=28, prefix="flux2_dev"),
+            pipeline(
+                DEV_FP8,
+                MISTRAL,
+                "A red fox sitting in fresh snow at sunrise, detailed fur, 85mm photo",
+                steps=28,
+                prefix="flux2_dev",
+            ),
             _note(
                 "FLUX.2 [dev]: text to image",
                 "The large FLUX.2 (32B): the best quality, with embedded guidance (4) and 28 steps "
@@ -232,12 +324,23 @@ def templates() -> list[Template]:
                 "with 64 GB of RAM it streams from memory; with 32 GB prefer the GGUF template.\n\n"
                 + dev_licence,
             ),
-            {"model": "dev", "task": "text to image", "badges": ["FP8", "12-24 GB"], "steps": ["models", "prompt", "sample", "save"]},
+            {
+                "model": "dev",
+                "task": "text to image",
+                "badges": ["FP8", "12-24 GB"],
+                "steps": ["models", "prompt", "sample", "save"],
+            },
         ),
         Template(
             "flux2_dev_gguf",
-            "FLUX.2 dev GGUF - text to image on 12 GB",
-            pipeline(DEV_GGUF, MISTRAL, "A watercolor map of an imaginary island with mountains and rivers", steps=28, prefix="flux2_dev_gguf"),
+            "FLUX.2 dev GGUF - 12 GB cards",
+            pipeline(
+                DEV_GGUF,
+                MISTRAL,
+                "A watercolor map of an imaginary island with mountains and rivers",
+                steps=28,
+                prefix="flux2_dev_gguf",
+            ),
             _note(
                 "FLUX.2 [dev] GGUF: text to image on 12 GB",
                 "[dev] from a GGUF file (Q4_K_M, about 19 GB): it stays in its 4-bit blocks in RAM and "
@@ -251,7 +354,12 @@ def templates() -> list[Template]:
                 "Q3_K_M, 14.5 GB) leaves RAM for the text encoder; the VRAM budget stays on auto.\n\n"
                 + dev_licence,
             ),
-            {"model": "dev", "task": "GGUF Q4_K_M", "badges": ["32 GB RAM", "12 GB"], "steps": ["models", "prompt", "sample", "save"]},
+            {
+                "model": "dev",
+                "task": "GGUF Q4_K_M",
+                "badges": ["32 GB RAM", "12 GB"],
+                "steps": ["models", "prompt", "sample", "save"],
+            },
         ),
         Template(
             "flux2_dev_turbo_lora",
@@ -275,12 +383,23 @@ def templates() -> list[Template]:
                 "**12 GB card**: as the [dev] template (the LoRA's factors stay on the GPU, inside the VRAM "
                 "budget).\n\n" + dev_licence,
             ),
-            {"model": "dev", "task": "Turbo LoRA", "badges": ["8 steps", "12-24 GB"], "steps": ["models", "LoRA", "prompt", "sample", "save"]},
+            {
+                "model": "dev",
+                "task": "Turbo LoRA",
+                "badges": ["8 steps", "12-24 GB"],
+                "steps": ["models", "LoRA", "prompt", "sample", "save"],
+            },
         ),
         Template(
             "flux2_klein_4b_safety",
-            "FLUX.2 klein 4B - content filter and watermark",
-            pipeline(KLEIN, QWEN, "A bowl of ramen on a wooden table, food photography", prefix="flux2_checked", safety=True),
+            "FLUX.2 klein 4B - safety checks",
+            pipeline(
+                KLEIN,
+                QWEN,
+                "A bowl of ramen on a wooden table, food photography",
+                prefix="flux2_checked",
+                safety=True,
+            ),
             _note(
                 "FLUX.2 [klein] 4B: content filter and watermark",
                 "Checks every generated image with an NSFW classifier before saving (a flagged image "
@@ -296,7 +415,13 @@ def templates() -> list[Template]:
                 "Content Filter* before the prompt with *vlm_check* on (it needs a text encoder with its "
                 "output head: a Hugging Face `text_encoder/` folder).\n\n" + KLEIN_HOW.split("\n\n", 1)[1],
             ),
-            {"model": "klein 4B", "task": "filter + watermark", "badges": ["NSFW check", "provenance"], "steps": ["models", "prompt", "sample", "check", "save"]},
+            {
+                "model": "klein 4B",
+                "task": "filter + watermark",
+                "badges": ["NSFW check", "provenance"],
+                "steps": ["models", "prompt", "sample", "check", "save"],
+            },
+            titles={"output": "Decode, check and save"},
         ),
     ]
 
@@ -308,8 +433,8 @@ def write_all() -> list[Template]:
     API_DIR.mkdir(exist_ok=True)
     items = templates()
     for t in items:
-        note = Node(99, "MarkdownNote", "note", [t.note], title="Read me")
-        ui = to_ui([note, *t.nodes], t.slug)
+        note = Node(99, "MarkdownNote", "note", [t.note], title="Read me", size=note_size(t.note))
+        ui = to_ui([note, *t.nodes], t.slug, t.titles)
         (TEMPLATES_DIR / f"{t.title}.json").write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n")
         (API_DIR / f"{t.slug}.api.json").write_text(json.dumps(to_api(t.nodes), indent=2) + "\n")
         draw_card(TEMPLATES_DIR / f"{t.title}.jpg", **t.card)

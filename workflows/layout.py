@@ -14,20 +14,25 @@ from dataclasses import dataclass, field
 
 # Title bar above each node's position (LiteGraph draws it outside the node's size).
 TITLE_H = 30
-GAP = 40  # between nodes in a column
-COLUMN_GAP = 70
-GROUP_PAD = 20
+GAP = 30  # between nodes in a column
+COLUMN_GAP = 40
+GROUP_PAD = 16
 GROUP_TITLE_H = 44
+# The first view: at least this zoom, below which the editor stops drawing text (its default level
+# of detail hides 14 px text drawn smaller than 8 px); wider graphs then continue off screen.
+MIN_SCALE = 0.6
+VIEW = (1480, 860)  # screen pixels for the graph in a 1600 x 1000 window, right of the side bar
 
-# column key -> (group title, colour); the note column has no group.
-COLUMNS = {
-    "note": (None, None),
-    "models": ("1. Models", "#3f789e"),
-    "prompt": ("2. Prompt", "#8a6f3f"),
-    "references": ("3. Reference images", "#4f7a4f"),
-    "sampling": ("4. Sample", "#6f4f8a"),
-    "output": ("5. Decode and save", "#7a4f4f"),
-}
+# Columns left to right; each is a stack of sections (key, group title, colour). The note has no
+# group and sits above the models, where a person starts reading.
+COLUMNS = (
+    (("note", None, None), ("models", "Models", "#3f789e")),
+    (("prompt", "Prompt", "#8a6f3f"),),
+    (("references", "Reference images", "#4f7a4f"),),
+    (("sampling", "Sample", "#6f4f8a"),),
+    (("output", "Decode and save", "#7a4f4f"),),
+)
+SECTION_GAP = 40  # between the note and the group below it
 
 # Per node type: outputs (name, type) and the widget inputs in schema order. A seed widget's
 # control_after_generate value follows it in widgets_values (UI only); so does the upload button's
@@ -51,13 +56,26 @@ WIDGETS = {
     "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
     "Flux2LocalLoRALoader": ["lora_name", "strength"],
     "Flux2LocalTextEncoderLoader": ["text_encoder_name", "tokenizer", "dtype"],
-    "Flux2LocalEncodePrompt": ["prompt", "negative_prompt", "upsample_prompt", "upsample_seed", "upsample_max_tokens"],
+    "Flux2LocalEncodePrompt": [
+        "prompt",
+        "negative_prompt",
+        "upsample_prompt",
+        "upsample_seed",
+        "upsample_max_tokens",
+    ],
     "Flux2LocalMultiReference": ["megapixels_per_reference"],
     "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
     "Flux2LocalVAELoader": ["vae_name", "dtype"],
     "Flux2LocalVAEDecode": ["tiling"],
     "Flux2LocalContentFilter": ["classifier", "nsfw_threshold", "vlm_check", "vlm_threshold", "prompt"],
-    "Flux2LocalSaveImage": ["filename_prefix", "format", "jpeg_quality", "watermark", "c2pa_certificate", "c2pa_private_key"],
+    "Flux2LocalSaveImage": [
+        "filename_prefix",
+        "format",
+        "jpeg_quality",
+        "watermark",
+        "c2pa_certificate",
+        "c2pa_private_key",
+    ],
     "LoadImage": ["image"],
     "SaveImage": ["filename_prefix"],
     "MarkdownNote": ["text"],
@@ -87,19 +105,19 @@ LINK_INPUTS = {
 # (width, height) of the node body. The Sampler and the image savers leave room below their widgets
 # for the live preview and the result; Load Image for its picture.
 SIZES = {
-    "Flux2LocalModelLoader": (380, 210),
-    "Flux2LocalLoRALoader": (380, 110),
-    "Flux2LocalTextEncoderLoader": (380, 90),
-    "Flux2LocalVAELoader": (380, 90),
-    "Flux2LocalEncodePrompt": (420, 330),
-    "Flux2LocalMultiReference": (340, 190),
-    "Flux2LocalSampler": (380, 640),
-    "Flux2LocalVAEDecode": (360, 90),
-    "Flux2LocalContentFilter": (360, 240),
-    "Flux2LocalSaveImage": (460, 560),
-    "LoadImage": (340, 400),
-    "SaveImage": (460, 560),
-    "MarkdownNote": (460, 860),
+    "Flux2LocalModelLoader": (360, 200),
+    "Flux2LocalLoRALoader": (360, 100),
+    "Flux2LocalTextEncoderLoader": (360, 80),
+    "Flux2LocalVAELoader": (360, 80),
+    "Flux2LocalEncodePrompt": (400, 330),
+    "Flux2LocalMultiReference": (300, 180),
+    "Flux2LocalSampler": (360, 600),
+    "Flux2LocalVAEDecode": (360, 80),
+    "Flux2LocalContentFilter": (360, 230),
+    "Flux2LocalSaveImage": (380, 540),
+    "LoadImage": (280, 320),
+    "SaveImage": (380, 480),
+    "MarkdownNote": (380, 440),
 }
 
 
@@ -120,6 +138,22 @@ class Node:
     title: str | None = None
     models: list[dict] | None = None
     seed_control: str = "randomize"
+    sub: int = 0  # sub-column inside its section (Load Image nodes left of what they feed)
+    size: tuple[int, int] | None = None  # instead of SIZES[type]
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        return self.size or SIZES[self.type]
+
+
+def note_size(text: str, width: int = 380) -> tuple[int, int]:
+    """A Markdown note tall enough to show ``text`` without scrolling: at the editor's note font about
+    72 characters fit a line of a 380-unit note, 11.5 units high; headings take about 2.5 lines."""
+    per_line = width * 72 // 380
+    lines = 0.0
+    for line in text.splitlines():
+        lines += 2.5 if line.startswith("#") else -(-len(line) // per_line) if line else 0.5
+    return width, int(70 + 11.5 * lines)
 
 
 def to_api(nodes: list[Node]) -> dict:
@@ -142,43 +176,69 @@ def _ui_inputs(n: Node) -> list[tuple[str, str]]:
     return spec[:2] + spec[2 : 2 + min(used + 1, 10)]
 
 
-def place(nodes: list[Node]) -> tuple[dict[int, tuple[float, float]], list[dict]]:
-    """Positions (node body top-left) and groups: columns left to right, nodes stacked in each."""
+def _section(members: list[Node], x: float, y: float) -> tuple[dict[int, tuple[float, float]], float, float]:
+    """Places a section's nodes from (x, y): sub-columns side by side, nodes stacked in each.
+
+    Returns positions, the section's width and its bottom.
+    """
+    pos = {}
+    bottom = y
+    for sub in sorted({n.sub for n in members}):
+        column = [n for n in members if n.sub == sub]
+        top = y + TITLE_H
+        for n in column:
+            pos[n.id] = (x, top)
+            top += n.extent[1] + GAP + TITLE_H
+        bottom = max(bottom, top - GAP - TITLE_H)
+        x += max(n.extent[0] for n in column) + GAP
+    return pos, x - GAP, bottom
+
+
+def place(
+    nodes: list[Node], titles: dict[str, str] | None = None
+) -> tuple[dict[int, tuple[float, float]], list[dict]]:
+    """Positions (node body top-left) and groups: columns left to right, sections stacked in each.
+
+    Args:
+        titles: section key -> group title, where a workflow names a step differently.
+    """
     pos: dict[int, tuple[float, float]] = {}
     groups = []
     x = 0.0
-    for key, (title, colour) in COLUMNS.items():
-        members = [n for n in nodes if n.column == key]
-        if not members:
-            continue
-        framed = title is not None
-        inner_x = x + (GROUP_PAD if framed else 0)
-        y = (GROUP_TITLE_H if framed else 0) + TITLE_H
-        width = max(SIZES[n.type][0] for n in members)
-        for n in members:
-            pos[n.id] = (inner_x, y)
-            y += SIZES[n.type][1] + GAP + TITLE_H
-        if framed:
-            bottom = y - GAP - TITLE_H + GROUP_PAD
-            groups.append(
-                {
-                    "id": len(groups) + 1,
-                    "title": title,
-                    "bounding": [x, 0, width + 2 * GROUP_PAD, bottom],
-                    "color": colour,
-                    "font_size": 24,
-                    "flags": {},
-                }
-            )
-            x += width + 2 * GROUP_PAD + COLUMN_GAP
-        else:
-            x += width + COLUMN_GAP
+    for column in COLUMNS:
+        y, right = 0.0, x
+        for key, title, colour in column:
+            members = [n for n in nodes if n.column == key]
+            if not members:
+                continue
+            pad, head = (GROUP_PAD, GROUP_TITLE_H) if title else (0, 0)
+            title = (titles or {}).get(key, title)
+            placed, end_x, bottom = _section(members, x + pad, y + head)
+            pos.update(placed)
+            if title:
+                bounds = [x, y, end_x + pad - x, bottom + pad - y]
+                number = len(groups) + 1  # the steps in reading order: 1. Models, 2. Prompt, ...
+                groups.append(
+                    {
+                        "id": number,
+                        "title": f"{number}. {title}",
+                        "bounding": bounds,
+                        "color": colour,
+                        "font_size": 24,
+                        "flags": {},
+                    }
+                )
+                end_x, bottom = end_x + pad, bottom + pad
+            right = max(right, end_x)
+            y = bottom + SECTION_GAP
+        if right > x:
+            x = right + COLUMN_GAP
     return pos, groups
 
 
-def to_ui(nodes: list[Node], name: str) -> dict:
+def to_ui(nodes: list[Node], name: str, titles: dict[str, str] | None = None) -> dict:
     """The editor's format (version 0.4): nodes with positions and sizes, links, groups."""
-    pos, groups = place(nodes)
+    pos, groups = place(nodes, titles)
     links, ui_nodes = [], []
     out_links: dict[tuple[int, int], list[int]] = {}
     in_links: dict[tuple[int, str], int] = {}
@@ -206,7 +266,7 @@ def to_ui(nodes: list[Node], name: str) -> dict:
             "id": n.id,
             "type": n.type,
             "pos": list(pos[n.id]),
-            "size": list(SIZES[n.type]),
+            "size": list(n.extent),
             "flags": {},
             "order": order,
             "mode": 0,
@@ -225,10 +285,10 @@ def to_ui(nodes: list[Node], name: str) -> dict:
         if n.title:
             node["title"] = n.title
         ui_nodes.append(node)
-    right = max(p[0] + SIZES[by_id[i].type][0] for i, p in pos.items())
-    bottom = max(p[1] + SIZES[by_id[i].type][1] for i, p in pos.items())
-    # Fit the whole graph into a 1600 x 900 view at first sight (the editor restores this view).
-    scale = round(min(1.0, 1500 / right, 840 / bottom), 3)
+    right = max(p[0] + by_id[i].extent[0] for i, p in pos.items())
+    bottom = max(p[1] + by_id[i].extent[1] for i, p in pos.items())
+    # The whole graph in the first view where it fits at a readable zoom (the editor restores it).
+    scale = round(max(MIN_SCALE, min(1.0, VIEW[0] / right, VIEW[1] / bottom)), 3)
     return {
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"flux2local/workflows/{name}")),
         "revision": 0,
@@ -238,6 +298,6 @@ def to_ui(nodes: list[Node], name: str) -> dict:
         "links": links,
         "groups": groups,
         "config": {},
-        "extra": {"ds": {"scale": scale, "offset": [60 / scale, 50 / scale]}},
+        "extra": {"ds": {"scale": scale, "offset": [70 / scale, 100 / scale]}},
         "version": 0.4,
     }

@@ -102,7 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    path = Path(args.workflow) if args.workflow.endswith(".json") else HERE / "api" / f"{args.workflow}.api.json"
+    path = (
+        Path(args.workflow) if args.workflow.endswith(".json") else HERE / "api" / f"{args.workflow}.api.json"
+    )
     if not path.is_file():
         names = ", ".join(sorted(p.name.removesuffix(".api.json") for p in (HERE / "api").glob("*.api.json")))
         say(f"no workflow {path}; the shipped ones are: {names}")

@@ -80,7 +80,12 @@ def draw_card(path: Path, model: str, task: str, badges: list[str], steps: list[
             width=2,
         )
         tw = draw.textlength(stage, font=label)
-        draw.text((x0 + (box_w - tw) / 2, top + box_h / 2 - 10), stage, font=label, fill=(30, 30, 30) if special else TEXT)
+        draw.text(
+            (x0 + (box_w - tw) / 2, top + box_h / 2 - 10),
+            stage,
+            font=label,
+            fill=(30, 30, 30) if special else TEXT,
+        )
         if i < n - 1:
             ax = x0 + box_w + 2
             draw.line([(ax, top + box_h / 2), (ax + gap - 4, top + box_h / 2)], fill=MUTED, width=2)
