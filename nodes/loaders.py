@@ -87,7 +87,9 @@ def _describe_model(model, path: str) -> tuple[str, dict]:
     lines = [
         f"FLUX.2 {title}: "
         + _GUIDANCE_TITLES[plan.mode].format(scale=plan.scale or 0.0, steps=plan.default_steps),
-        " · ".join(x for x in (_FORMAT_TITLES.get(fmt, fmt), mix, f"{module_bytes(model) / GIB:.2f} GiB") if x),
+        " · ".join(
+            x for x in (_FORMAT_TITLES.get(fmt, fmt), mix, f"{module_bytes(model) / GIB:.2f} GiB") if x
+        ),
         f"{cfg.depth} double + {cfg.depth_single} single blocks, hidden {cfg.hidden_size}, "
         f"text width {cfg.context_dim}",
     ]

@@ -104,7 +104,9 @@ def _write_extras(root: Path, seed: int, overwrite: bool, context_dims: dict[str
     name, variant, mix = GGUF_FILE
     path = root / "diffusion_models" / name
     if overwrite or not path.exists():
-        write_tiny_gguf_transformer(path, variant, mix=mix, seed=seed + 300, context_dim=context_dims["mistral3"])
+        write_tiny_gguf_transformer(
+            path, variant, mix=mix, seed=seed + 300, context_dim=context_dims["mistral3"]
+        )
     out[name] = path
     name, variant = LORA_FILE
     path = root / "loras" / name

@@ -32,16 +32,13 @@ CLOSE_DIALOGS = f"""async () => {{
   await new Promise(r => setTimeout(r, 200));
   return document.querySelectorAll('.p-dialog').length;
 }}"""
-SETTLE = (
-    """async () => {
+SETTLE = f"""async () => {{
   await new Promise(r => setTimeout(r, 300));
   await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
-  const app = %s;
+  const app = {APP};
   app.canvas.setDirty(true, true);
   app.canvas.draw(true, true);
-}"""
-    % APP
-)
+}}"""
 # What the graph holds once the editor has laid it out: every node's bounds (title bar included)
 # and widgets as drawn, the groups, the links and the serialized widget values.
 READ_GRAPH = f"""() => {{
