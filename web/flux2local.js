@@ -98,12 +98,23 @@ function addInfoWidget(node) {
   const widgets = window.comfyAPI?.widgets?.ComfyWidgets;
   if (!widgets?.STRING) return;
   const widget = widgets.STRING(node, INFO_WIDGET, ["STRING", { multiline: true }], app).widget;
-  widget.serialize = false; // not a setting: never in widgets_values or the prompt
+  // Not a setting: never in widgets_values (serialize) nor in the prompt (options.serialize), where
+  // it would change the loader's inputs after each run and make ComfyUI load the model again.
+  widget.serialize = false;
+  widget.options.serialize = false;
   if (widget.element) {
     widget.element.readOnly = true;
     widget.element.placeholder = "After a run: the detected FLUX.2 variant, format, size and storage types.";
   }
   widget.value = "";
+}
+
+// What each loader setting showed, by its settings, for cached runs in this page.
+const seen = new Map();
+
+function loaderSettings(node) {
+  const values = (node.widgets ?? []).filter((w) => w.serialize !== false).map((w) => [w.name, w.value]);
+  return Object.fromEntries(values);
 }
 
 function showDetected(node, output) {
@@ -113,21 +124,37 @@ function showDetected(node, output) {
   node.graph?.setDirtyCanvas(true, true);
 }
 
-// A cached loader does not run, so ComfyUI sends it no output: find what it showed last time.
+// Python's json writes NaN, Infinity and -Infinity bare (a client may have queued them) and
+// JSON.parse refuses them: make them null, leaving string contents alone.
+function pythonJson(text) {
+  return text.replace(/"(?:[^"\\]|\\.)*"|-?Infinity|NaN/g, (token) => (token[0] === '"' ? token : "null"));
+}
+
+async function recentHistory() {
+  try {
+    const text = await (await api.fetchApi("/history?max_items=200")).text();
+    return JSON.parse(pythonJson(text));
+  } catch {
+    return {};
+  }
+}
+
+// A cached loader does not run, so ComfyUI sends it no output: show what the same settings showed
+// before, in this page or in ComfyUI's history.
 async function recallCached(nodeIds) {
   const loaders = nodeIds
     .map((id) => app.graph?.getNodeById?.(Number(id)))
     .filter((n) => n?.type === LOADER);
-  if (!loaders.length) return;
-  let history;
-  try {
-    history = await (await api.fetchApi("/history?max_items=200")).json();
-  } catch {
-    return;
-  }
-  const entries = Object.values(history ?? {}).reverse(); // newest first
+  const missing = [];
   for (const node of loaders) {
-    const settings = Object.fromEntries((node.widgets ?? []).filter((w) => w.serialize !== false).map((w) => [w.name, w.value]));
+    const known = seen.get(JSON.stringify(loaderSettings(node)));
+    if (known) showDetected(node, known);
+    else missing.push(node);
+  }
+  if (!missing.length) return;
+  const entries = Object.values(await recentHistory()).reverse(); // newest first
+  for (const node of missing) {
+    const settings = loaderSettings(node);
     for (const entry of entries) {
       const prompt = entry?.prompt?.[2] ?? {};
       const match = Object.entries(prompt).find(
@@ -169,6 +196,7 @@ app.registerExtension({
       const executed = nodeType.prototype.onExecuted;
       nodeType.prototype.onExecuted = function (output) {
         executed?.apply(this, arguments);
+        if (output?.text) seen.set(JSON.stringify(loaderSettings(this)), output);
         showDetected(this, output);
       };
     }

@@ -70,7 +70,7 @@ def screenshots(tmp_path_factory) -> Path:
 def editor(comfy):
     """One headless Chromium on the session server's editor, ready and with no dialog open."""
     from browser import BrowserError, Page
-    from editor import CLOSE_DIALOGS, DIALOGS, READY
+    from editor_page import CLOSE_DIALOGS, DIALOGS, READY
 
     try:
         page = Page().__enter__()

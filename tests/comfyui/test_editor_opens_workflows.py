@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import build_workflows
 import pytest
-from comfy_helpers import load, ui_workflows
-from editor import close_dialogs, inside, open_workflow, overlaps, screenshot
+from comfy_helpers import WORKFLOWS, load, ui_workflows
+from editor_page import PROMPT, close_dialogs, inside, open_workflow, overlaps, screenshot
 
 PREVIEW_ROOM = 250  # graph units left below the sampler's widgets for the live preview
 
@@ -54,6 +55,14 @@ def test_editor_opens_workflow_cleanly_and_laid_out(editor, screenshots, path: P
             assert got == node["widgets_values"], (
                 f"{where}: node {node['id']} ({node['type']}) widget values {got} != file's {node['widgets_values']}"
             )
+
+        # What Run would send is the shipped API file: same nodes, inputs and values, nothing more
+        # (an editor-only widget in the prompt would change the inputs and defeat ComfyUI's cache).
+        slug = next(t.slug for t in build_workflows.templates() if f"{t.title}.json" == path.name)
+        api = load(WORKFLOWS / f"{slug}.api.json")
+        assert editor.call(PROMPT) == {
+            k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()
+        }
 
         # Layout, as drawn.
         assert not overlaps(report), f"{where}: overlapping nodes {overlaps(report)}"

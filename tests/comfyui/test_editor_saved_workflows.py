@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from comfy_helpers import decode_png, load, nodes_of, ui_to_api
 from comfy_server import history_error, history_images
-from editor import close_dialogs, open_workflow
+from editor_page import close_dialogs, open_workflow
 
 SAVED = sorted((Path(__file__).parent / "data").glob("earlier_*.json"))
 

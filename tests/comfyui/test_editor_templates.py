@@ -19,7 +19,7 @@ import re
 
 import pytest
 from comfy_helpers import TEMPLATES, WORKFLOWS, load, ui_workflows
-from editor import (
+from editor_page import (
     APP,
     DIALOGS,
     READ_GRAPH,
@@ -189,3 +189,41 @@ def test_run_from_the_editor_shows_the_detected_model(comfy, editor, screenshots
         assert widgets["steps"]["shown"] == f"auto ({plan.default_steps})", widgets["steps"]
     saver = by_type.get("SaveImage") or by_type["Flux2LocalSaveImage"]
     assert saver["images"] >= 1, "the saved image is not shown on the save node"
+
+
+def test_cached_loader_shows_what_it_found_after_a_reload(comfy, editor):
+    """ComfyUI sends a cached loader no output; the editor recalls it from the history, even when
+    the history holds a prompt with NaN in it (which JSON.parse refuses as Python writes it)."""
+    from editor_page import CLOSE_DIALOGS, READY
+
+    path = TEMPLATES / "FLUX.2 klein base 4B - with CFG.json"
+    workflow = load(path)
+    prompt = load(WORKFLOWS / "flux2_klein_base_cfg.api.json")
+    for node in prompt.values():
+        if node["class_type"] == "Flux2LocalSampler":
+            node["inputs"].update(width=64, height=64, steps=1)
+    assert comfy.run(prompt)["status"]["status_str"] == "success"  # the loader has run with these settings
+    broken = copy.deepcopy(prompt)
+    next(n for n in broken.values() if n["class_type"] == "Flux2LocalSampler")["inputs"]["guidance"] = float(
+        "nan"
+    )
+    comfy.run(broken)  # refused by the sampler; its prompt, NaN included, stays in the history
+    editor.navigate(comfy.url + "/")  # a fresh page: nothing remembered in it
+    editor.wait_for(READY, timeout=90, what="the reloaded editor")
+    editor.call(CLOSE_DIALOGS)
+    sampler = next(n["id"] for n in workflow["nodes"] if n["type"] == "Flux2LocalSampler")
+    try:
+        open_workflow(editor, workflow, path.name)
+        editor.call(SET_WIDGETS, [[sampler, "width", 96], [sampler, "height", 96], [sampler, "steps", 1]])
+        outcome = editor.call(RUN, 120_000, timeout=180)
+        editor.call(SETTLE)
+        report = editor.call(READ_GRAPH)
+    finally:
+        close_dialogs(editor)
+    assert outcome["event"] == "execution_success", outcome
+    loader = next(n for n in report["nodes"] if n["type"] == "Flux2LocalModelLoader")
+    last = list(comfy.get_json("/history?max_items=1").values())[0]
+    cached = next(m[1]["nodes"] for m in last["status"]["messages"] if m[0] == "execution_cached")
+    assert str(loader["id"]) in cached, f"the loader ran again (not cached): {cached}"
+    shown = {w["name"]: w["value"] for w in loader["widgets"]}["detected"]
+    assert "CFG 4 with the negative prompt" in shown, shown

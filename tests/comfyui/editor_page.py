@@ -157,3 +157,10 @@ def screenshot(page: Page, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     safe = re.sub(r"[^A-Za-z0-9._ -]+", "_", name)
     return page.screenshot(folder / f"{safe}.png")
+
+
+# The prompt the editor would queue for the open graph (what Run sends), without the titles.
+PROMPT = f"""async () => {{
+  const {{ output }} = await ({APP}).graphToPrompt();
+  return Object.fromEntries(Object.entries(output).map(([id, n]) => [id, {{ class_type: n.class_type, inputs: n.inputs }}]));
+}}"""
