@@ -14,6 +14,8 @@ from .sampling import (
     DOWNSCALE,
     LATENT_CHANNELS,
     MAX_REFERENCES,
+    SCHEDULERS,
+    SOLVERS,
     SamplingPlan,
     StepInfo,
     check_latents,
@@ -26,6 +28,7 @@ from .sampling import (
     prepare_reference_latents,
     reference_token_count,
     sample_latents,
+    schedule_sigmas,
     validate_size,
 )
 from .text_encoders import Flux2TextEncoder, TextEncoderSpec, load_text_encoder
@@ -48,6 +51,8 @@ __all__ = [
     # VAE, schedule, sampler
     "Flux2VAE",
     "Flux2VAEConfig",
+    "SCHEDULERS",
+    "SOLVERS",
     "StepInfo",
     "flux2_sigmas",
     "generate",
@@ -55,6 +60,7 @@ __all__ = [
     "prepare_reference_latents",
     "sample_latents",
     "nearest_valid_size",
+    "schedule_sigmas",
     "validate_size",
     # LoRAs
     "Flux2LoRA",

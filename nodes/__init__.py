@@ -21,6 +21,7 @@ from . import memory
 from .conditioning import Flux2LocalEncodePrompt, Flux2LocalMultiReference
 from .loaders import Flux2LocalModelLoader, Flux2LocalTextEncoderLoader, Flux2LocalVAELoader
 from .lora import Flux2LocalLoRALoader
+from .native_nodes import Flux2LocalToNativeModel
 from .safety import Flux2LocalCheckProvenance, Flux2LocalContentFilter, Flux2LocalSaveImage
 from .sampler import Flux2LocalSampler
 from .vae_nodes import Flux2LocalVAEDecode, Flux2LocalVAEEncode
@@ -38,6 +39,7 @@ NODES: list[type[io.ComfyNode]] = [
     Flux2LocalContentFilter,
     Flux2LocalSaveImage,
     Flux2LocalCheckProvenance,
+    Flux2LocalToNativeModel,
 ]
 
 
@@ -51,6 +53,8 @@ async def comfy_entrypoint() -> Flux2LocalExtension:
 
     # Not in ComfyExtension.on_load: ComfyUI 0.3.64 never calls it.
     memory.install_hooks()
+    # ComfyUI's own pinned bytes count against our pinned limit; "unload all" releases kept pins.
+    memory.configure_host_memory()
     # "Free model and node cache" must not leave prompt embeddings or tokenizers behind.
     memory.on_unload_all(clear_caches)
     return Flux2LocalExtension()

@@ -7,7 +7,7 @@ import hashlib
 import inspect
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import folder_paths
@@ -138,9 +138,13 @@ def memory_mapping_disabled() -> bool:
 
 
 @contextmanager
-def loading() -> Iterator[FileSet]:
-    """Wraps a model load: records the files it opens (for change checks) and honours --disable-mmap."""
-    with track_files(mmap=not memory_mapping_disabled()) as files:
+def loading(on_read: Callable[[int], object] | None = None) -> Iterator[FileSet]:
+    """Wraps a model load: records the files it opens (for change checks) and honours --disable-mmap.
+
+    Args:
+        on_read: called with the bytes of every tensor the load reads (a progress bar).
+    """
+    with track_files(mmap=not memory_mapping_disabled(), on_read=on_read) as files:
         yield files
 
 

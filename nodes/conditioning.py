@@ -11,6 +11,8 @@ from ..flux2_core.sampling import MAX_REFERENCES
 from . import memory
 from .common import ADVANCED, expect, image_batch, user_errors
 from .holders import ModuleHolder, TextEncoderHolder
+from .native_cond import to_native
+from .progress import block_progress
 from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -30,6 +32,30 @@ def _images_to_pil(images: torch.Tensor | None):
 
     arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return [Image.fromarray(a) for a in arr]
+
+
+def _encode_with_progress(
+    holder: TextEncoderHolder, encoder, texts: list[tuple[str, str]]
+) -> list[torch.Tensor]:
+    """Encodes each (name, text) with a progress bar over the decoder layers on the node.
+
+    Each encode goes through the holder's out-of-memory relief (a streamed encoder lowers its
+    resident layers and encodes again). Returns the (1, 512, context_dim) embeddings on the
+    offload device, in ``texts`` order.
+    """
+    layers = encoder.spec.layers_needed
+    current = {"name": ""}
+
+    def line(n: int) -> str:
+        return f"{holder.label}: {current['name']}, layer {(n - 1) % layers + 1} of {layers}"
+
+    out = []
+    with block_progress(encoder, layers * len(texts), line) as bar:
+        for i, (name, text) in enumerate(texts):
+            current["name"], bar.count = name, i * layers  # a cached prompt runs no layers
+            out.append(holder.run(encoder.encode, [text]).to(memory.offload_device()))
+        bar.update(layers * len(texts))
+    return out
 
 
 class Flux2LocalEncodePrompt(io.ComfyNode):
@@ -87,6 +113,17 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                 io.String.Output(
                     display_name="prompt", tooltip="The prompt that was encoded (rewritten if upsampled)."
                 ),
+                io.Conditioning.Output(
+                    display_name="CONDITIONING",
+                    tooltip="The prompt as ComfyUI's CONDITIONING, for native nodes (ReferenceLatent, FluxGuidance, "
+                    "BasicGuider/CFGGuider, Conditioning Combine, KSampler) and for FLUX.2 Sampler. [dev] gets "
+                    "guidance 4 unless FluxGuidance sets another.",
+                ),
+                io.Conditioning.Output(
+                    display_name="negative",
+                    tooltip="The negative prompt as CONDITIONING (CFGGuider / KSampler negative for base [klein]); "
+                    "zeros when no negative prompt was encoded, as ConditioningZeroOut gives.",
+                ),
             ],
         )
 
@@ -123,12 +160,13 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                     )
                 log.info("Flux2Local: upsampled prompt: %s", prompt)
             encoder = text_encoder.prepare(device)  # gives the generator's VRAM back first
-            embeds = encoder.encode([prompt]).to(memory.offload_device())
             # The negative is needed only for CFG on base models (Qwen3 family) or when the user typed
             # one; skipping it saves a full pass of the 24B Mistral encoder for [dev].
-            negative = None
+            texts = [("prompt", prompt)]
             if encoder.kind == "qwen3" or negative_prompt.strip():
-                negative = encoder.encode([negative_prompt]).to(memory.offload_device())
+                texts.append(("negative prompt", negative_prompt))
+            out = _encode_with_progress(text_encoder, encoder, texts)
+            embeds, negative = out[0], (out[1] if len(out) > 1 else None)
         cond = Conditioning(
             prompt_embeds=embeds,
             negative_embeds=negative,
@@ -137,7 +175,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
             encoder_file=text_encoder.source,
             prompt=prompt,
         )
-        return io.NodeOutput(cond, prompt)
+        return io.NodeOutput(cond, prompt, to_native(cond), to_native(cond, negative=True))
 
 
 def _image_inputs() -> list:

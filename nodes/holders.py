@@ -5,6 +5,13 @@ are loaded on the offload device (CPU, memory-mapped where the file allows); ``p
 moves them fully to the GPU when they fit in the budget, or attaches the weight streamer (resident
 blocks + paging from pinned RAM) when they do not.
 
+A streamed module keeps its streamer across offloads: ComfyUI offloading it gives the VRAM back
+(``detach(keep_pinned=True)``) but keeps the page-locked host buffers, so the next ``prepare``
+re-plans for the new budget and work and re-attaches without pinning again (pinning [dev] takes
+tens of seconds). The kept buffers stay within weight_streaming's process-wide pinned limit, which
+takes them back when another model needs pinned memory; ComfyUI's "unload all" (POST /free, the
+"Free model and node cache" button) and dropping the holder release them.
+
 A transformer holder also carries a LoRA stack, applied (on the fly, beside the layers) each time it
 prepares the module, so holders that share one loaded module can carry different stacks.
 """
@@ -12,6 +19,7 @@ prepares the module, so holders that share one loaded module can carry different
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +27,7 @@ from torch import nn
 
 from ..flux2_core.checkpoint import FileSet
 from . import memory
+from .progress import attach_progress
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +84,8 @@ class ModuleHolder(memory.GpuHolder):
         self.streaming = streaming
         self.source = source
         self.files = files
-        self.streamer = None
+        self.streamer = None  # kept across offloads (detached, pinned buffers kept) once created
+        self._release_on_drop: weakref.finalize | None = None
         self.total_bytes = module_bytes(module)
         self.loras: tuple = ()  # ((Flux2LoRA, strength), ...) applied by prepare()
         self.loras_applied = False  # some holder sharing this one's module applied a stack
@@ -86,7 +96,28 @@ class ModuleHolder(memory.GpuHolder):
             self.files.check_unchanged(_CHANGED_FIX)
 
     def gpu_bytes(self) -> int:
-        return self.total_bytes if self.on_gpu else 0
+        if not self.on_gpu:
+            return 0
+        if self.streamer is not None and self.streamer.attached:
+            return self.streamer.plan.device_bytes
+        return self.total_bytes
+
+    def run(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the prepared module; when it is streamed, through the streamer's
+        ``call``: a device out-of-memory error lowers the resident blocks and runs ``fn`` again (it
+        must be safe to repeat: a forward pass or an encode is)."""
+        streamer = self.streamer
+        if streamer is None or not streamer.attached:
+            return fn(*args, **kwargs)
+        return streamer.call(fn, *args, **kwargs)
+
+    def guarded(self, module: nn.Module) -> OOMGuarded:
+        """``module`` (what ``prepare`` returned) behind ``run``: each call of it is one guarded run."""
+        return OOMGuarded(module, self)
+
+    def release_kept_pinned(self) -> int:
+        """Gives back the page-locked buffers kept for a quick re-attach; returns the bytes unpinned."""
+        return self.streamer.release_pinned() if self.streamer is not None else 0
 
     def prepare(
         self, device: torch.device, activation_bytes: int = 0, block_flops: tuple[float, ...] | None = None
@@ -121,17 +152,44 @@ class ModuleHolder(memory.GpuHolder):
         return module
 
     def _place(self, device, activation_bytes, block_flops, lora_bytes=0) -> nn.Module:
-        if device.type == "cpu" or (self.on_gpu and memory.same_device(self.device, device)):
+        if not memory.is_compute_device(device):
             return self.module
+        if self.on_gpu and memory.same_device(self.device, device):
+            if self._room_beside(device, activation_bytes):
+                return self.module
+            # E.g. a 4 MP run after a 1 MP one: plan again, for these activations.
+            log.info(
+                "Flux2Local: %s leaves too little room for this run's activations; placing it anew",
+                self.label,
+            )
         self.offload()
         budget = max(0, self._budget(device, activation_bytes) - lora_bytes)
         if self.streaming is None or self.total_bytes <= budget:
+            # Resident: kept pinned buffers would only hold a second host copy while it is on the GPU.
+            self._drop_streamer()
             memory.make_room(self.total_bytes + lora_bytes, device)
             self.module.to(device)
         else:
             self._attach_streamer(device, budget, block_flops)
         self.device = device
+        self.on_stand_in = device.type == "cpu"
         return self.module
+
+    def _room_beside(self, device: torch.device, activation_bytes: int) -> bool:
+        """Whether the weights as placed leave ``activation_bytes`` free (idle models give way first).
+
+        Only asked with an "auto" weight budget: a budget the user set is kept as it is.
+        """
+        if self.streaming is None or self.streaming.vram_budget_gb > 0 or activation_bytes <= 0:
+            return True
+
+        def room() -> bool:
+            return memory.free_vram(device) - memory.inference_reserve(device) >= activation_bytes
+
+        if room():
+            return True
+        memory.make_room(activation_bytes, device)
+        return room()
 
     def _budget(self, device: torch.device, activation_bytes: int) -> int:
         if self.streaming is not None and self.streaming.vram_budget_gb > 0:
@@ -141,32 +199,92 @@ class ModuleHolder(memory.GpuHolder):
         memory.make_room(self.total_bytes + activation_bytes, device)
         return max(0, memory.vram_budget(device) - activation_bytes)
 
-    def _attach_streamer(
-        self, device: torch.device, budget: int, block_flops: tuple[float, ...] | None
-    ) -> None:
-        from ..weight_streaming import StreamingConfig, WeightStreamer
+    def _streaming_config(self, device: torch.device, budget: int, block_flops: tuple[float, ...] | None):
+        from ..weight_streaming import StreamingConfig
 
-        memory.make_room(budget, device)
         pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
-        config = StreamingConfig.from_name(
+        return StreamingConfig.from_name(
             "auto",  # the user's budget and cap on top of the default prefetch and ring
             vram_budget=int(budget),
             pinned_cap=pinned,
             block_flops=tuple(block_flops) if block_flops else None,
+            pin_memory=memory.pin_memory_setting(device),  # False under --disable-pinned-memory
         )
+
+    def _attach_streamer(
+        self, device: torch.device, budget: int, block_flops: tuple[float, ...] | None
+    ) -> None:
+        from ..weight_streaming import WeightStreamer
+
+        memory.make_room(budget, device)
+        config = self._streaming_config(device, budget, block_flops)
+        streamer = self.streamer
+        if streamer is not None and not memory.same_device(streamer.device, device):
+            self._drop_streamer()  # another card: its kept buffers stay valid, but start afresh
+            streamer = None
+        if streamer is None:
+            # The text encoder reads its streamed layers straight from the file into pinned memory.
+            source = getattr(self.module, "weight_source", None)
+            streamer = WeightStreamer(self.module, config, device, source=source)
+            self.streamer = streamer
+            # Dropping the holder (ComfyUI evicting the loader's output) unpins what it kept at once.
+            self._release_on_drop = weakref.finalize(self, streamer.release_pinned)
+        else:
+            # The same streamer, re-planned for this run's budget and work; kept buffers are reused.
+            streamer.config = config
         log.info("Flux2Local: streaming %s with a %.2f GiB VRAM budget", self.label, budget / GIB)
-        self.streamer = WeightStreamer(self.module, config, device)
-        self.streamer.attach()
+        streamer.attach(progress=attach_progress(self.label))
+        t = streamer.telemetry()
+        log.info(
+            "Flux2Local: %s attached in %.1f s: %.2f GiB pinned again from before, %.2f GiB newly pinned",
+            self.label,
+            t.attach_seconds,
+            t.reused_pinned_bytes / GIB,
+            (t.pinned_bytes - t.reused_pinned_bytes) / GIB,
+        )
+
+    def _drop_streamer(self) -> None:
+        """Forget the streamer, unpinning what it kept (the weights stay in host memory)."""
+        if self._release_on_drop is not None:
+            self._release_on_drop()  # release_pinned, once
+            self._release_on_drop = None
+        self.streamer = None
 
     def _offload(self) -> None:
         from ..flux2_core.lora import release_device_copies
 
         release_device_copies(self.module)  # the LoRA factors' GPU copies go with the weights
-        if self.streamer is not None:
-            self.streamer.detach()
-            self.streamer = None
+        if self.streamer is not None and self.streamer.attached:
+            self.streamer.detach(keep_pinned=True)  # VRAM back; pinned host buffers kept
         else:
             self.module.to(memory.offload_device())
+
+
+class OOMGuarded:
+    """A prepared module whose calls go through its holder's ``run`` (out-of-memory relief).
+
+    Attribute access reaches the module (``config``, ``streamable_blocks`` ...), so the sampler can
+    use it wherever it takes the transformer.
+    """
+
+    def __init__(self, module: nn.Module, holder: ModuleHolder):
+        self._module, self._holder = module, holder
+
+    def __call__(self, *args, **kwargs):
+        return self._holder.run(self._forward, *args, **kwargs)
+
+    def _forward(self, *args, **kwargs):
+        # A retried KV-variant pass that fills the reference cache must start from an empty cache:
+        # the failed attempt may have filled part of it (and marked it filled).
+        cache = kwargs.get("kv_cache")
+        if cache is not None and kwargs.get("ref_img") is not None:
+            cache.clear()
+        return self._module(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_module", "_holder"):
+            raise AttributeError(name)
+        return getattr(self._module, name)
 
 
 class LoRAModelHolder:
@@ -219,6 +337,8 @@ class TextEncoderHolder(ModuleHolder):
     def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
         if self._generator is not None:
             self._generator.offload()
+            # Its pinned buffers hold the shared layers: ours take their place (never both pinned).
+            self._generator.release_kept_pinned()
         return super().prepare(device, *args, **kwargs)
 
 
@@ -238,6 +358,7 @@ class GeneratorHolder(ModuleHolder):
 
     def prepare(self, device: torch.device, *args, **kwargs) -> nn.Module:
         self.encoder.offload()
+        self.encoder.release_kept_pinned()  # the shared layers are pinned for the generator instead
         return super().prepare(device, *args, **kwargs)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import comfy.text_encoders
@@ -22,6 +25,7 @@ from .common import (
     user_errors,
 )
 from .holders import GIB, ModuleHolder, StreamingSettings, TextEncoderHolder, module_bytes
+from .progress import ByteProgress
 from .types import CATEGORY, Flux2Model, Flux2TextEncoder, Flux2Vae
 
 log = logging.getLogger(__name__)
@@ -34,6 +38,25 @@ def _fallback_tokenizers() -> list[str]:
     # ComfyUI's qwen_3_*.safetensors carry no tokenizer; ComfyUI itself uses the Qwen BPE files it ships,
     # so they are the last place looked when "auto" finds nothing next to the weights.
     return [str(COMFY_QWEN_TOKENIZER)] if COMFY_QWEN_TOKENIZER.is_dir() else []
+
+
+def _weight_bytes(path: str) -> int:
+    """Bytes of the weight files behind ``path`` (a file, or a folder's .safetensors shards)."""
+    from ..flux2_core.checkpoint import path_identity
+
+    found = path_identity(path)
+    if len(found) > 1 or os.path.isdir(path):
+        found = [(p, i) for p, i in found if p.endswith((".safetensors", ".gguf"))]
+    return sum(ident.size for _, ident in found if ident is not None)
+
+
+@contextmanager
+def _loading_with_progress(path: str) -> Iterator:
+    """``loading()`` with the bytes read shown on the loader node (Cancel stops the load)."""
+    progress = ByteProgress(os.path.basename(os.path.normpath(path)), _weight_bytes(path))
+    with loading(on_read=progress) as files:
+        yield files
+    progress.finish()
 
 
 # How the node names what it detected (the variant rules themselves live in flux2_core).
@@ -190,7 +213,7 @@ class Flux2LocalModelLoader(io.ComfyNode):
 
         check_finite("FLUX.2 Model Loader", vram_budget_gb=vram_budget_gb, pinned_ram_gb=pinned_ram_gb)
         path = resolve_model_path("diffusion_models", model_name)
-        with loading() as files:
+        with _loading_with_progress(path) as files:
             model = load_transformer(
                 path, dtype=DTYPES[dtype], device=memory.offload_device(), keep_fp8=keep_fp8
             )
@@ -267,7 +290,7 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
         path = resolve_model_path("text_encoders", text_encoder_name)
         tok = None if tokenizer == "auto" else resolve_model_path("text_encoders", tokenizer)
         kwargs = {"dtype": DTYPES[dtype], "device": memory.offload_device()}
-        with loading() as files:
+        with _loading_with_progress(path) as files:
             encoder = load_text_encoder(
                 path, tokenizer=tok, fallback_tokenizers=_fallback_tokenizers(), **kwargs
             )
@@ -316,6 +339,6 @@ class Flux2LocalVAELoader(io.ComfyNode):
         from ..flux2_core import load_vae
 
         path = resolve_model_path("vae", vae_name)
-        with loading() as files:
+        with _loading_with_progress(path) as files:
             vae = load_vae(path, dtype=DTYPES[dtype], device=memory.offload_device())
         return io.NodeOutput(ModuleHolder(vae, "FLUX.2 VAE", source=path, files=files))

@@ -17,11 +17,10 @@ except ImportError:
     _Flux2LatentFormat = None
 
 from ..flux2_core.errors import InputError
-from ..flux2_core.sampling import DOWNSCALE, MAX_SIDE, MIN_SIDE, validate_size
+from ..flux2_core.sampling import DOWNSCALE, MAX_SIDE, MIN_SIDE, SCHEDULERS, SOLVERS, validate_size
 from . import memory
-from .common import auto_zero, expect, latent_samples, user_errors
-from .holders import MODEL_HOLDERS
-from .types import CATEGORY, Conditioning, Flux2Conditioning, Flux2Model
+from .common import auto_zero, latent_samples, user_errors
+from .types import CATEGORY, Flux2Conditioning, Flux2Model
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +39,14 @@ def _previewer(device: torch.device):
     except Exception:  # a broken preview must never stop sampling
         log.debug("Flux2Local: no latent previewer", exc_info=True)
         return None
+
+
+def _either(name: str, ours, native, tooltip: str):
+    """An input taking our socket type or ComfyUI's (io.MultiType; older ComfyUI: ours only)."""
+    multi = getattr(io, "MultiType", None)
+    if multi is None:
+        return ours.Input(name, tooltip=tooltip)
+    return multi.Input(name, types=[ours, native], tooltip=tooltip)
 
 
 @contextmanager
@@ -69,10 +76,20 @@ class Flux2LocalSampler(io.ComfyNode):
             category=CATEGORY,
             description="Samples FLUX.2 latents: text-to-image, editing with references, image-to-image.",
             inputs=[
-                Flux2Model.Input("model", tooltip="From FLUX.2 Model Loader."),
-                Flux2Conditioning.Input(
+                _either(
+                    "model",
+                    Flux2Model,
+                    io.Model,
+                    tooltip="From FLUX.2 Model Loader or LoRA Loader; or a native FLUX.2 MODEL (FLUX.2 To Native "
+                    "MODEL, UNETLoader, ComfyUI-GGUF ...), which ComfyUI's own sampling then runs with its patches "
+                    "(LoRA loaders, EasyCache ...).",
+                ),
+                _either(
                     "conditioning",
-                    tooltip="From FLUX.2 Encode Prompt, or FLUX.2 Multi-Reference for editing.",
+                    Flux2Conditioning,
+                    io.Conditioning,
+                    tooltip="From FLUX.2 Encode Prompt or FLUX.2 Multi-Reference; or a native CONDITIONING "
+                    "(CLIPTextEncode on a FLUX.2 CLIPLoader, ReferenceLatent, FluxGuidance ...).",
                 ),
                 io.Int.Input(
                     "width",
@@ -137,6 +154,29 @@ class Flux2LocalSampler(io.ComfyNode):
                     tooltip="Optional FLUX.2 LATENT (e.g. from FLUX.2 VAE Encode) to start from: image-to-image. "
                     "Its size overrides width and height.",
                 ),
+                io.Conditioning.Input(
+                    "negative",
+                    optional=True,
+                    tooltip="Only with a native CONDITIONING on a base [klein] model with CFG (guidance > 1): the "
+                    "negative prompt (e.g. CLIPTextEncode of an empty prompt). FLUX.2 Encode Prompt's conditioning "
+                    "carries its negative already.",
+                ),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=list(SOLVERS),
+                    default="euler",
+                    optional=True,
+                    tooltip="The solver: euler (FLUX.2's reference sampler), dpmpp_2m or res_multistep (second "
+                    "order, as ComfyUI's samplers of the same names).",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=list(SCHEDULERS),
+                    default="flux2",
+                    optional=True,
+                    tooltip="The sigma schedule: flux2 (FLUX.2's own, shifted by image size and steps; "
+                    "ComfyUI's Flux2Scheduler) or simple (ComfyUI's KSampler 'simple' on FLUX.2).",
+                ),
             ],
             outputs=[
                 io.Latent.Output(
@@ -164,7 +204,21 @@ class Flux2LocalSampler(io.ComfyNode):
 
     @classmethod
     @user_errors
-    def execute(cls, model, conditioning, width, height, seed, steps, guidance, denoise, latent=None):
+    def execute(
+        cls,
+        model,
+        conditioning,
+        width,
+        height,
+        seed,
+        steps,
+        guidance,
+        denoise,
+        latent=None,
+        negative=None,
+        sampler_name="euler",
+        scheduler="flux2",
+    ):
         from ..flux2_core import (
             check_finite,
             check_latents,
@@ -174,17 +228,21 @@ class Flux2LocalSampler(io.ComfyNode):
             reference_token_count,
             sample_latents,
         )
+        from .native_sampling import route, run_native
 
         where = "FLUX.2 Sampler"
-        expect(where, "model", model, MODEL_HOLDERS, "a FLUX.2 Model Loader or LoRA Loader output")
-        expect(
-            where,
-            "conditioning",
-            conditioning,
-            Conditioning,
-            "a FLUX.2 Encode Prompt or Multi-Reference output",
-        )
+        # Native MODEL or CONDITIONING in: ours converted where our sampler reproduces it exactly,
+        # else the work goes to ComfyUI's sampling (native_model True).
+        model, conditioning, guidance, native_model = route(where, model, conditioning, negative, guidance)
         check_finite(where, guidance=guidance, denoise=denoise)
+        if native_model:
+            init = None if latent is None else latent_samples(where, "latent", latent)
+            size = (width, height) if init is None else check_latents(init, where)
+            settings = dict(seed=seed, steps=steps, guidance=guidance, denoise=denoise, init=init)
+            samples = run_native(
+                where, model, conditioning, negative, size, sampler_name, scheduler, **settings
+            )
+            return io.NodeOutput({"samples": samples})
         init = None if latent is None else latent_samples(where, "latent", latent)
         if init is not None:
             width, height = check_latents(init, where)  # the latent's size wins
@@ -223,8 +281,10 @@ class Flux2LocalSampler(io.ComfyNode):
 
         g = plan.guidance
         log.info(
-            "Flux2Local: sampling %d steps at %dx%d (guidance: %s, seed %d)",
+            "Flux2Local: sampling %d steps of %s/%s at %dx%d (guidance: %s, seed %d)",
             plan.steps,
+            sampler_name,
+            scheduler,
             width,
             height,
             g.mode if g.scale is None else f"{g.mode} {g.scale:.2f}",
@@ -239,7 +299,8 @@ class Flux2LocalSampler(io.ComfyNode):
 
             with _interruptible_blocks(transformer):
                 samples = sample_latents(
-                    transformer=transformer,
+                    # Each forward through the streamer's out-of-memory relief (when streamed).
+                    transformer=model.guarded(transformer),
                     prompt_embeds=dev(conditioning.prompt_embeds),
                     negative_prompt_embeds=dev(conditioning.negative_embeds),
                     reference_latents=[r.to(device) for r in conditioning.reference_latents] or None,
@@ -252,6 +313,8 @@ class Flux2LocalSampler(io.ComfyNode):
                     init_latents=None if init is None else init.to(device),
                     denoise=denoise if init is not None else 1.0,
                     callback=on_step,
+                    sampler=sampler_name,
+                    scheduler=scheduler,
                 )
             if model.streamer is not None:
                 log.info("Flux2Local: weight streaming: %s", model.streamer.telemetry(sync=True).summary())

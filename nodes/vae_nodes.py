@@ -36,6 +36,16 @@ def _run_with_oom_fallback(fn, x: torch.Tensor, tile: str, device: torch.device)
         return fn(x, tile=512)
 
 
+def _make_room_for(model, kind: str, height: int, width: int, batch: int, device: torch.device) -> None:
+    """Asks ComfyUI (and our hook, for idle FLUX.2 models) for the untiled pass's activations, as
+    ComfyUI's own VAE nodes do; "auto" tiling then sizes its tiles from what is free (a 4 MP decode
+    on a 12 GiB card tiles even with everything else unloaded)."""
+    from ..flux2_core.vae import activation_bytes
+
+    dtype = next(model.parameters()).dtype
+    memory.make_room(activation_bytes(model.config, kind, height, width, dtype, batch), device)
+
+
 def mm_empty() -> None:
     import comfy.model_management as mm
 
@@ -79,6 +89,10 @@ class Flux2LocalVAEDecode(io.ComfyNode):
         device = memory.compute_device()
         with vae.using(device):
             model = vae.prepare(device)
+            f = model.config.downscale
+            _make_room_for(
+                model, "decode", latents.shape[2] * f, latents.shape[3] * f, latents.shape[0], device
+            )
             x = latents.to(device, next(model.parameters()).dtype)
             with torch.inference_mode():
                 images = _run_with_oom_fallback(model.decode, x, tiling, device)
@@ -133,6 +147,7 @@ class Flux2LocalVAEEncode(io.ComfyNode):
         device = memory.compute_device()
         with vae.using(device):
             model = vae.prepare(device)
+            _make_room_for(model, "encode", h, w, pixels.shape[0], device)
             # IMAGE (B, H, W, 3) in [0, 1] -> (B, 3, h, w) in [-1, 1], cropped to the latent grid.
             x = pixels[:, :h, :w, :3].movedim(-1, 1).to(device, next(model.parameters()).dtype) * 2.0 - 1.0
             with torch.inference_mode():

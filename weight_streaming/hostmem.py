@@ -266,7 +266,8 @@ LEDGER = PinnedLedger()
 def set_pinned_limit(nbytes: int | None) -> None:
     """Set the process-wide limit on page-locked bytes (0 turns pinning off; None is the default).
 
-    The nodes map ComfyUI's ``--disable-pinned-memory`` onto ``set_pinned_limit(0)``.
+    (ComfyUI's ``--disable-pinned-memory`` is ``StreamingConfig(pin_memory=False)`` per model instead:
+    a limit of 0 would also stop blocks read from a weight source from getting ordinary host copies.)
     """
     LEDGER.set_limit(nbytes)
 

@@ -143,7 +143,7 @@ def pipeline(
             6,
             "Flux2LocalSampler",
             "sampling",
-            [1024, 1024, 42, steps, guidance, 1.0],
+            [1024, 1024, 42, steps, guidance, 1.0, "euler", "flux2"],
             {"model": model_out, "conditioning": cond},
         ),
         Node(7, "Flux2LocalVAEDecode", "output", ["auto"], {"vae": (3, 0), "samples": (6, 0)}),
@@ -184,6 +184,49 @@ EXPERT = (
     "Expert settings (compute dtype, FP8, VRAM budget, pinned RAM, tokenizer) are hidden: right-click a "
     "node → *Show Advanced*."
 )
+
+
+def native_mix(
+    model: tuple[str, str, str], te: tuple[str, str, str], prompt: str, negative: str, steps: int, cfg: float
+) -> list[Node]:
+    """Our loaders, streaming and prompt encoding under ComfyUI's own sampling nodes and EasyCache.
+
+    The sampling group has three sub-columns, so every wire runs right or down: the model's chain
+    (To Native MODEL -> EasyCache -> CFGGuider), the sampler's other inputs, SamplerCustomAdvanced.
+    """
+    size = 1024
+    return [
+        Node(1, "Flux2LocalModelLoader", "models", [model[0], "bf16", True, 0.0, 0.0], models=_models(model)),
+        Node(2, "Flux2LocalTextEncoderLoader", "models", [te[0], "auto", "bf16"], models=_models(te)),
+        Node(3, "Flux2LocalVAELoader", "models", [VAE[0], "bf16"], models=_models(VAE)),
+        Node(
+            4, "Flux2LocalEncodePrompt", "prompt", [prompt, negative, False, 0, 512], {"text_encoder": (2, 0)}
+        ),
+        Node(5, "Flux2LocalToNativeModel", "sampling", [], {"model": (1, 0)}),
+        Node(6, "EasyCache", "sampling", [0.2, 0.15, 0.95, False], {"model": (5, 0)}),
+        # Encode Prompt's outputs 2 and 3: the prompt and the negative prompt as native CONDITIONING.
+        Node(7, "CFGGuider", "sampling", [cfg], {"model": (6, 0), "positive": (4, 2), "negative": (4, 3)}),
+        Node(8, "RandomNoise", "sampling", [42], sub=1),
+        Node(9, "KSamplerSelect", "sampling", ["euler"], sub=1),
+        Node(10, "Flux2Scheduler", "sampling", [steps, size, size], sub=1),
+        Node(11, "EmptyFlux2LatentImage", "sampling", [size, size, 1], sub=1),
+        Node(
+            12,
+            "SamplerCustomAdvanced",
+            "sampling",
+            [],
+            {
+                "noise": (8, 0),
+                "guider": (7, 0),
+                "sampler": (9, 0),
+                "sigmas": (10, 0),
+                "latent_image": (11, 0),
+            },
+            sub=2,
+        ),
+        Node(13, "Flux2LocalVAEDecode", "output", ["auto"], {"vae": (3, 0), "samples": (12, 0)}),
+        Node(14, "SaveImage", "output", ["flux2_native_mix"], {"images": (13, 0)}),
+    ]
 
 
 def _note(title: str, what: str, files: str, how: str) -> str:
@@ -300,6 +343,40 @@ def templates() -> list[Template]:
                 "badges": ["50 steps", "12 GB"],
                 "steps": ["models", "prompt", "sample", "save"],
             },
+        ),
+        Template(
+            "flux2_klein_base_native_samplers",
+            "FLUX.2 klein base 4B - ComfyUI samplers and EasyCache",
+            native_mix(
+                KLEIN_BASE,
+                QWEN,
+                "A ceramic teapot shaped like a snail, studio photo",
+                "blurry, low quality",
+                steps=20,
+                cfg=5.0,
+            ),
+            _note(
+                "FLUX.2 [klein] base 4B under ComfyUI's own samplers",
+                "Our loaders (with streaming) and prompt encoding, sampled by ComfyUI's nodes: *FLUX.2 To "
+                "Native MODEL* turns the model into a native MODEL for EasyCache (skips steps that change "
+                "little), CFGGuider and SamplerCustomAdvanced; Encode Prompt's CONDITIONING and negative "
+                "outputs feed the guider. 20 steps at CFG 5, the official [klein] base settings.",
+                "\n".join(_link(f) for f in (KLEIN_BASE, QWEN, VAE)),
+                "**Run**: type a prompt and a negative prompt in *FLUX.2 Encode Prompt*, press Run. Size: "
+                "*EmptyFlux2LatentImage* and *Flux2Scheduler* take the same width and height. Other "
+                "samplers: pick one in *KSamplerSelect*. A native LoRA loader (LoraLoaderModelOnly) goes "
+                "between *To Native MODEL* and *EasyCache*; to sample without EasyCache, bypass it "
+                "(select it, Ctrl+B).\n\n**12 GB card**: fits as it is; what does not fit on the GPU is streamed "
+                "from system RAM, also under ComfyUI's samplers.\n\nModel card: "
+                f"[black-forest-labs/FLUX.2-klein-base-4B]({HF}/black-forest-labs/FLUX.2-klein-base-4B).",
+            ),
+            {
+                "model": "klein base 4B",
+                "task": "ComfyUI samplers",
+                "badges": ["EasyCache", "12 GB"],
+                "steps": ["models", "prompt", "native", "sample", "save"],
+            },
+            titles={"sampling": "Sample (ComfyUI's nodes)"},
         ),
         Template(
             "flux2_dev_text_to_image",

@@ -36,6 +36,7 @@ NODE_IDS = (
     "Flux2LocalContentFilter",
     "Flux2LocalSaveImage",
     "Flux2LocalCheckProvenance",
+    "Flux2LocalToNativeModel",
 )
 
 

@@ -41,7 +41,12 @@ OUTPUTS = {
     "Flux2LocalModelLoader": [("model", "FLUX2LOCAL_MODEL"), ("info", "STRING")],
     "Flux2LocalLoRALoader": [("model", "FLUX2LOCAL_MODEL")],
     "Flux2LocalTextEncoderLoader": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER")],
-    "Flux2LocalEncodePrompt": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("prompt", "STRING")],
+    "Flux2LocalEncodePrompt": [
+        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("prompt", "STRING"),
+        ("CONDITIONING", "CONDITIONING"),
+        ("negative", "CONDITIONING"),
+    ],
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING")],
     "Flux2LocalSampler": [("LATENT", "LATENT")],
     "Flux2LocalVAELoader": [("vae", "FLUX2LOCAL_VAE")],
@@ -51,6 +56,15 @@ OUTPUTS = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "SaveImage": [],
     "MarkdownNote": [],
+    # ComfyUI's own nodes used beside ours
+    "Flux2LocalToNativeModel": [("MODEL", "MODEL")],
+    "EasyCache": [("MODEL", "MODEL")],
+    "CFGGuider": [("GUIDER", "GUIDER")],
+    "RandomNoise": [("NOISE", "NOISE")],
+    "KSamplerSelect": [("SAMPLER", "SAMPLER")],
+    "Flux2Scheduler": [("SIGMAS", "SIGMAS")],
+    "EmptyFlux2LatentImage": [("LATENT", "LATENT")],
+    "SamplerCustomAdvanced": [("output", "LATENT"), ("denoised_output", "LATENT")],
 }
 WIDGETS = {
     "Flux2LocalModelLoader": ["model_name", "dtype", "keep_fp8", "vram_budget_gb", "pinned_ram_gb"],
@@ -64,7 +78,16 @@ WIDGETS = {
         "upsample_max_tokens",
     ],
     "Flux2LocalMultiReference": ["megapixels_per_reference"],
-    "Flux2LocalSampler": ["width", "height", "seed", "steps", "guidance", "denoise"],
+    "Flux2LocalSampler": [
+        "width",
+        "height",
+        "seed",
+        "steps",
+        "guidance",
+        "denoise",
+        "sampler_name",
+        "scheduler",
+    ],
     "Flux2LocalVAELoader": ["vae_name", "dtype"],
     "Flux2LocalVAEDecode": ["tiling"],
     "Flux2LocalContentFilter": ["classifier", "nsfw_threshold", "vlm_check", "vlm_threshold", "prompt"],
@@ -79,8 +102,16 @@ WIDGETS = {
     "LoadImage": ["image"],
     "SaveImage": ["filename_prefix"],
     "MarkdownNote": ["text"],
+    "Flux2LocalToNativeModel": [],
+    "EasyCache": ["reuse_threshold", "start_percent", "end_percent", "verbose"],
+    "CFGGuider": ["cfg"],
+    "RandomNoise": ["noise_seed"],
+    "KSamplerSelect": ["sampler_name"],
+    "Flux2Scheduler": ["steps", "width", "height"],
+    "EmptyFlux2LatentImage": ["width", "height", "batch_size"],
+    "SamplerCustomAdvanced": [],
 }
-SEED_WIDGETS = {("Flux2LocalSampler", "seed")}
+SEED_WIDGETS = {("Flux2LocalSampler", "seed"), ("RandomNoise", "noise_seed")}
 UPLOAD_WIDGETS = {("LoadImage", "image")}
 # Socket inputs in schema order (Multi-Reference shows the connected images plus one free slot).
 LINK_INPUTS = {
@@ -88,10 +119,12 @@ LINK_INPUTS = {
     "Flux2LocalEncodePrompt": [("text_encoder", "FLUX2LOCAL_TEXT_ENCODER"), ("upsample_images", "IMAGE")],
     "Flux2LocalMultiReference": [("conditioning", "FLUX2LOCAL_CONDITIONING"), ("vae", "FLUX2LOCAL_VAE")]
     + [(f"images.image_{i}", "IMAGE") for i in range(1, 11)],
+    # A socket taking ours or ComfyUI's type (io.MultiType) lists both, comma-separated.
     "Flux2LocalSampler": [
-        ("model", "FLUX2LOCAL_MODEL"),
-        ("conditioning", "FLUX2LOCAL_CONDITIONING"),
+        ("model", "FLUX2LOCAL_MODEL,MODEL"),
+        ("conditioning", "FLUX2LOCAL_CONDITIONING,CONDITIONING"),
         ("latent", "LATENT"),
+        ("negative", "CONDITIONING"),
     ],
     "Flux2LocalVAEDecode": [("vae", "FLUX2LOCAL_VAE"), ("samples", "LATENT")],
     "Flux2LocalContentFilter": [
@@ -101,6 +134,16 @@ LINK_INPUTS = {
     ],
     "Flux2LocalSaveImage": [("images", "IMAGE"), ("model", "FLUX2LOCAL_MODEL")],
     "SaveImage": [("images", "IMAGE")],
+    "Flux2LocalToNativeModel": [("model", "FLUX2LOCAL_MODEL")],
+    "EasyCache": [("model", "MODEL")],
+    "CFGGuider": [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+    "SamplerCustomAdvanced": [
+        ("noise", "NOISE"),
+        ("guider", "GUIDER"),
+        ("sampler", "SAMPLER"),
+        ("sigmas", "SIGMAS"),
+        ("latent_image", "LATENT"),
+    ],
 }
 # (width, height) of the node body. The Sampler and the image savers leave room below their widgets
 # for the live preview and the result; Load Image for its picture.
@@ -118,6 +161,14 @@ SIZES = {
     "LoadImage": (280, 320),
     "SaveImage": (380, 480),
     "MarkdownNote": (380, 440),
+    "Flux2LocalToNativeModel": (300, 60),
+    "EasyCache": (300, 130),
+    "CFGGuider": (300, 90),
+    "RandomNoise": (300, 90),
+    "KSamplerSelect": (300, 60),
+    "Flux2Scheduler": (300, 110),
+    "EmptyFlux2LatentImage": (300, 110),
+    "SamplerCustomAdvanced": (380, 520),
 }
 
 

@@ -9,7 +9,14 @@ so the weights are never held twice in RAM.
 Shapes are given in PyTorch order (ggml dims reversed). Quantized tensors come back as their
 stored bytes, (rows, bytes per row) uint8; F32/F16/BF16 tensors as ordinary typed tensors.
 The interface mirrors ``SafetensorsFile`` (``keys``, ``shape``, ``dtype``, ``nbytes``, ``get``,
-``read_into``) plus ``storage(key)`` (the GGML type name) and ``dequantize(key, dtype)``.
+``read_into``, ``identity``, ``check_unchanged``) plus ``storage(key)`` (the GGML type name) and
+``dequantize(key, dtype)``.
+
+Like a safetensors file, a GGUF remembers its ``FileIdentity`` from when it was opened and refuses
+reads once the file changed (a truncated mapping would crash the process with SIGBUS), and is
+recorded by ``track_files``. Opened with ``mmap=False`` (ComfyUI's ``--disable-mmap``) the header
+is parsed from a mapping that is dropped right after: metadata is copied out, tensors are read
+with plain file reads into memory the caller owns, and nothing of the file stays mapped.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..quant.ggml import GGML_BY_ID, GGMLType, dequantize_ggml
+from .identity import FileIdentity, memory_map_default, record_opened, record_read
+from .safetensors_file import read_range
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +84,7 @@ class GGUFTensorInfo:
         shape: logical shape in PyTorch order (out, in).
         nbytes: stored bytes.
         index: position in the reader's tensor list.
+        offset: byte offset of the tensor's data in the file.
     """
 
     type_name: str
@@ -82,6 +92,7 @@ class GGUFTensorInfo:
     shape: tuple[int, ...]
     nbytes: int
     index: int
+    offset: int
 
 
 class GGUFFile:
@@ -89,13 +100,20 @@ class GGUFFile:
 
     Args:
         path: the ``.gguf`` file.
+        mmap: view tensors in the memory-mapped file (True) or read each into memory the process
+            owns, keeping no mapping (False); None takes the choice of the enclosing ``track_files``
+            block (default True).
+
+    Attributes:
+        identity: the file's ``FileIdentity`` when it was opened; every read checks it is unchanged.
 
     Raises:
         CheckpointError: missing, empty, truncated or not a GGUF file, or one part of a split file.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, mmap: bool | None = None):
         self.path = os.fspath(path)
+        self.mmap = memory_map_default() if mmap is None else bool(mmap)
         self.metadata: dict[str, str] = {}  # safetensors-style header metadata: none in GGUF
         self._reader = self._open()
         self._infos: dict[str, GGUFTensorInfo] = {}
@@ -103,7 +121,13 @@ class GGUFFile:
             ggml = GGML_BY_ID.get(int(t.tensor_type))
             name = getattr(t.tensor_type, "name", str(int(t.tensor_type)))
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-            self._infos[t.name] = GGUFTensorInfo(name, ggml, shape, int(t.n_bytes), i)
+            self._infos[t.name] = GGUFTensorInfo(name, ggml, shape, int(t.n_bytes), i, int(t.data_offset))
+        # Without a mapping: the metadata as Python values, and the reader (with the mapping) dropped.
+        self._fields: dict[str, object] | None = None
+        if not self.mmap:
+            self._fields = {k: f.contents() for k, f in self._reader.fields.items()}
+            self._reader = None
+        record_opened(self)
 
     @property
     def files(self) -> list[GGUFFile]:
@@ -112,11 +136,14 @@ class GGUFFile:
 
     def _open(self):
         try:
-            size = os.path.getsize(self.path)
+            with open(self.path, "rb") as f:
+                # The identity of the file actually opened (fstat), so a later replacement shows.
+                self.identity = FileIdentity.from_stat(os.fstat(f.fileno()))
         except OSError as e:
             raise CheckpointError(
                 self.path, f"cannot be read ({e.strerror or e}).", "Check the path."
             ) from None
+        size = self.identity.size
         if size == 0:
             raise CheckpointError(self.path, "is empty (0 bytes).", _FIX_DOWNLOAD)
         if not is_gguf(self.path):
@@ -141,6 +168,8 @@ class GGUFFile:
                 f"cannot be parsed as GGUF ({type(e).__name__}: {e}); the file is truncated or damaged.",
                 _FIX_DOWNLOAD,
             ) from None
+        # Mapped by name: make sure the name still led to the file that was identified.
+        self.check_unchanged()
         end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
         if end > size:
             raise CheckpointError(
@@ -150,17 +179,37 @@ class GGUFFile:
             )
         return reader
 
+    def changed(self) -> str | None:
+        """How the file on disk changed since it was opened, or None while it is the same file."""
+        return self.identity.change_to(FileIdentity.of(self.path))
+
+    def check_unchanged(self) -> None:
+        """Raise a ``CheckpointError`` if the file was replaced, truncated or rewritten since opened.
+
+        The parsed header (and any view of the mapping) describes the file as it was: reading a
+        changed file would give other weights, or crash the process with SIGBUS past a truncated end.
+        """
+        change = self.changed()
+        if change is not None:
+            raise CheckpointError(
+                self.path,
+                f"{change} after it was opened; its tensors cannot be read any more.",
+                "Load the model again.",
+            )
+
     # ------------------------------------------------------------------------------- metadata
     def field(self, name: str, default=None):
         """A metadata value: str, int, float, bool or a list of them; ``default`` when absent."""
+        if self._fields is not None:
+            return self._fields.get(name, default)
         f = self._reader.get_field(name)
         if f is None:
             return default
-        value = f.contents()
-        return value
+        return f.contents()
 
     def field_names(self) -> list[str]:
-        return [k for k in self._reader.fields if not k.startswith("GGUF.")]
+        names = self._fields if self._fields is not None else self._reader.fields
+        return [k for k in names if not k.startswith("GGUF.")]
 
     @property
     def architecture(self) -> str | None:
@@ -227,23 +276,48 @@ class GGUFFile:
         return (*info.shape[:-1], q.row_bytes(info.shape[-1]))
 
     def get(self, key: str) -> torch.Tensor:
-        """``key`` as a CPU tensor viewing the mapped file (no copy): typed, or stored bytes."""
+        """``key`` as a CPU tensor: typed, or stored bytes. A view of the mapped file (no copy), or
+        with ``mmap=False`` a copy read into memory the caller owns.
+
+        Raises:
+            CheckpointError: the file changed on disk since it was opened.
+        """
         info, q = self.info(key), self.ggml(key)
+        if self._reader is None:
+            return self.read_into(key, torch.empty(self.stored_shape(key), dtype=self.dtype(key)))
+        self.check_unchanged()
         data = self._reader.tensors[info.index].data
         t = torch.from_numpy(data)
         if q.name == "BF16":  # the reader hands BF16 out as raw bytes (..., 2 * cols)
             t = t.view(torch.uint8).view(torch.bfloat16)
+        record_read(info.nbytes)
         return t.reshape(self.stored_shape(key))
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
-        """Copy ``key``'s stored bytes into ``out`` (stored dtype and shape, any device)."""
-        src = self.get(key)
-        if out.dtype != src.dtype or tuple(out.shape) != tuple(src.shape):
+        """Read ``key``'s stored bytes into ``out`` (stored dtype and shape, any device).
+
+        A contiguous CPU ``out`` (e.g. a pinned buffer) is filled with plain file reads, without an
+        intermediate copy; others are copied from ``get``.
+
+        Raises:
+            CheckpointError: the file changed on disk since it was opened.
+        """
+        info = self.info(key)
+        dtype, shape = self.dtype(key), self.stored_shape(key)
+        if out.dtype != dtype or tuple(out.shape) != tuple(shape):
             raise ValueError(
                 f"read_into('{key}'): out is {out.dtype} {tuple(out.shape)}, "
-                f"the file stores {src.dtype} {tuple(src.shape)}"
+                f"the file stores {dtype} {tuple(shape)}"
             )
-        return out.copy_(src)
+        if out.device.type != "cpu" or not out.is_contiguous():
+            return out.copy_(self.get(key))
+        self.check_unchanged()
+        if read_range(self.path, info.offset, out) < info.nbytes:
+            raise CheckpointError(
+                self.path, f"reading tensor '{key}' hit the end of the file early.", _FIX_DOWNLOAD
+            )
+        record_read(info.nbytes)
+        return out
 
     def dequantize(self, key: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """``key`` as a ``dtype`` tensor of its logical shape (float32 math, rounded once)."""

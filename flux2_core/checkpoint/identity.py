@@ -7,14 +7,15 @@ written over it, the weights change silently. So every file is identified when i
 what ``stat`` reports without reading it (device, inode, size, modification and change times;
 the change time cannot be set back by a user) and checked again before a loaded model is used.
 
-``track_files()`` records every safetensors file opened inside it, so a caller learns which files
-a loader read (every shard of a folder included) without the loader having to report them.
+``track_files()`` records every model file (safetensors or GGUF) opened inside it, so a caller learns
+which files a loader read (every shard of a folder included) without the loader having to report
+them; its ``on_read`` callback hears of every tensor read, for a loading progress bar.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class FileSet:
     """Files one load read, each with its identity when it was opened.
 
     Attributes:
-        files: the opened files (``SafetensorsFile`` objects), in opening order.
+        files: the opened files (``SafetensorsFile`` and ``GGUFFile`` objects), in opening order.
     """
 
     files: list[_Identified] = field(default_factory=list)
@@ -121,16 +122,20 @@ class FileSet:
 
 _TRACKING: ContextVar[list | None] = ContextVar("flux2_checkpoint_tracking", default=None)
 _MEMORY_MAP: ContextVar[bool] = ContextVar("flux2_checkpoint_memory_map", default=True)
+_ON_READ: ContextVar[Callable[[int], object] | None] = ContextVar("flux2_checkpoint_on_read", default=None)
 
 
 @contextmanager
-def track_files(mmap: bool = True) -> Iterator[FileSet]:
-    """Record every safetensors file opened inside the block; choose whether they are memory-mapped.
+def track_files(mmap: bool = True, on_read: Callable[[int], object] | None = None) -> Iterator[FileSet]:
+    """Record every model file opened inside the block; choose whether they are memory-mapped.
 
     Args:
         mmap: False reads every tensor into memory the process owns instead of viewing a mapped
             file (slower to load and not shared with the page cache, but a file changed on disk can
             never crash the process). Files keep the choice made when they were opened.
+        on_read: called with the stored bytes of each tensor read inside the block (on the reading
+            thread), e.g. to move a progress bar; an exception it raises (a user's cancel) stops the
+            load there.
 
     Yields:
         The ``FileSet`` that fills as files are opened.
@@ -138,11 +143,20 @@ def track_files(mmap: bool = True) -> Iterator[FileSet]:
     opened: list = []
     token = _TRACKING.set(opened)
     mmap_token = _MEMORY_MAP.set(bool(mmap))
+    read_token = _ON_READ.set(on_read)
     try:
         yield FileSet(opened)
     finally:
+        _ON_READ.reset(read_token)
         _MEMORY_MAP.reset(mmap_token)
         _TRACKING.reset(token)
+
+
+def record_read(nbytes: int) -> None:
+    """Called by each file reader per tensor read: tells the innermost ``track_files`` block."""
+    callback = _ON_READ.get()
+    if callback is not None:
+        callback(nbytes)
 
 
 def memory_map_default() -> bool:

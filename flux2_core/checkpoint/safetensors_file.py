@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CheckpointError
-from .identity import FileIdentity, memory_map_default, record_opened
+from .identity import FileIdentity, memory_map_default, record_opened, record_read
 
 logger = logging.getLogger(__name__)
 
@@ -303,6 +303,7 @@ class SafetensorsFile:
         raw = torch.empty(0, dtype=torch.uint8).set_(storage, info.begin, (info.nbytes,), (1,))
         if info.begin % _itemsize(info.dtype):
             raw = raw.clone()
+        record_read(info.nbytes)
         return raw.view(info.dtype).view(info.shape)
 
     def read_into(self, key: str, out: torch.Tensor) -> torch.Tensor:
@@ -326,16 +327,28 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return out
         self.check_unchanged()
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(info.begin)
-            done = 0
-            while done < info.nbytes:
-                got = f.readinto(buf[done:])
-                if not got:
-                    raise self._fail(f"reading tensor '{key}' hit the end of the file early.")
-                done += got
+        if read_range(self.path, info.begin, out) < info.nbytes:
+            raise self._fail(f"reading tensor '{key}' hit the end of the file early.")
+        record_read(info.nbytes)
         return out
 
     def __repr__(self) -> str:
         return f"SafetensorsFile({self.path!r}, {len(self)} tensors)"
+
+
+def read_range(path: str, begin: int, out: torch.Tensor) -> int:
+    """Fill the contiguous CPU tensor ``out`` with the file's bytes from offset ``begin`` on.
+
+    Plain reads (no mapping, no intermediate buffer: the bytes land in ``out`` itself, e.g. a
+    pinned buffer). Returns the bytes read: fewer than ``out`` holds when the file ends early.
+    """
+    buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(begin)
+        while done < len(buf):
+            got = f.readinto(buf[done:])
+            if not got:
+                break
+            done += got
+    return done

@@ -70,7 +70,17 @@ def _model_label(transformer: nn.Module) -> str:
 
 def _rows(delta: Delta) -> tuple[int, int]:
     n = delta.out_features
+    if delta.slot.start is not None:
+        return delta.slot.start, delta.slot.start + n
     return delta.slot.part * n, (delta.slot.part + 1) * n
+
+
+def _fits(delta: Delta, in_features: int, out_features: int) -> bool:
+    if delta.in_features != in_features:
+        return False
+    if delta.slot.start is not None:
+        return 0 <= delta.slot.start and delta.slot.start + delta.out_features <= out_features
+    return delta.out_features * delta.slot.parts == out_features
 
 
 def check_lora_fits(transformer: nn.Module, lora: Flux2LoRA) -> None:
@@ -111,11 +121,13 @@ def check_lora_fits(transformer: nn.Module, lora: Flux2LoRA) -> None:
             problems.append(f"{name}: not a linear layer")
             continue
         for d in deltas:
-            if d.in_features != in_f or d.out_features * d.slot.parts != out_f:
+            if not _fits(d, in_f, out_f):
                 part = f" (part {d.slot.part + 1} of {d.slot.parts})" if d.slot.parts > 1 else ""
+                if d.slot.start is not None:
+                    part = f" (rows {d.slot.start} to {d.slot.start + d.out_features})"
                 problems.append(
                     f"{name}{part}: LoRA {d.out_features}x{d.in_features}, layer {out_f}x{in_f}"
-                    + (f" ({out_f // d.slot.parts} rows a part)" if part else "")
+                    + (f" ({out_f // d.slot.parts} rows a part)" if d.slot.parts > 1 else "")
                 )
     if problems:
         listed = "; ".join(problems[:_LIST]) + (

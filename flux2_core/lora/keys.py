@@ -37,11 +37,14 @@ class Slot:
         part: index of the equal row block (0 for a whole layer; 0/1/2 for q/k/v of a fused qkv).
         parts: number of equal row blocks the layer's rows split into (1 = the whole layer).
         swap: the module's two row halves are the layer's halves swapped.
+        start: first layer row of an update on an arbitrary row range (e.g. the MLP rows of a
+            single block's fused linear1); None = rows part x n .. (part + 1) x n.
     """
 
     part: int = 0
     parts: int = 1
     swap: bool = False
+    start: int | None = None
 
 
 WHOLE = Slot()

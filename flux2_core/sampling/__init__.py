@@ -1,4 +1,4 @@
-"""Schedule, token packing, reference preparation, run planning and the Euler sampler."""
+"""Schedules, token packing, reference preparation, run planning, the sampler and its solvers."""
 
 from .guidance import GuidancePlan, plan_guidance
 from .pipeline import generate
@@ -12,7 +12,8 @@ from .plan import (
 )
 from .references import fit_reference, prepare_reference_latents
 from .sampler import StepInfo, make_noise, sample_latents
-from .schedule import empirical_mu, flux2_sigmas
+from .schedule import SCHEDULERS, empirical_mu, flux2_sigmas, schedule_sigmas, simple_sigmas
+from .solvers import SOLVERS, make_solver
 from .tokens import (
     DOWNSCALE,
     LATENT_CHANNELS,
@@ -38,6 +39,8 @@ __all__ = [
     "MAX_REFERENCES",
     "MAX_SIDE",
     "MIN_SIDE",
+    "SCHEDULERS",
+    "SOLVERS",
     "GuidancePlan",
     "SamplingPlan",
     "StepInfo",
@@ -51,6 +54,7 @@ __all__ = [
     "image_ids",
     "latent_shape",
     "make_noise",
+    "make_solver",
     "nearest_valid_size",
     "pack",
     "plan_guidance",
@@ -59,6 +63,8 @@ __all__ = [
     "reference_token_count",
     "reference_tokens",
     "sample_latents",
+    "schedule_sigmas",
+    "simple_sigmas",
     "text_encoder_kind",
     "text_ids",
     "unpack",

@@ -66,6 +66,15 @@ def check_text_encoder(
     )
 
 
+def distilled_for_unknown(guidance: float | None) -> bool:
+    """Whether to treat a [klein] model known only by its weights as step-distilled.
+
+    The weights cannot tell distilled [klein] from base (only the file name can, which a native MODEL
+    from another loader does not carry): a CFG scale above 1 says base, anything else distilled.
+    """
+    return guidance is None or guidance <= 1.0
+
+
 def reference_token_count(reference_latents: Sequence[Tensor]) -> int:
     """Tokens the references add to the sequence: one per packed latent cell, (1, 128, h, w) each."""
     return sum(int(r.shape[-2]) * int(r.shape[-1]) for r in reference_latents)

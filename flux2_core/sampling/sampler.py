@@ -1,7 +1,8 @@
-"""Euler flow-matching sampler for FLUX.2 (text-to-image, image-to-image, references, KV variant).
+"""Flow-matching sampler for FLUX.2 (text-to-image, image-to-image, references, KV variant).
 
-x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, sigma_i); the model predicts v ~ noise - data, so
-the denoised estimate shown to progress callbacks is x_i - sigma_i * v.
+The model predicts v ~ noise - data; a solver (``solvers.py``: Euler by default,
+x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, sigma_i)) advances the latents along a sigma
+schedule (``schedule.py``), and the denoised estimate shown to progress callbacks is x_i - sigma_i * v.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from torch import Tensor
 from ..errors import GenerationCancelled, InputError
 from ..model.transformer import Flux2Transformer
 from .guidance import GuidancePlan, plan_guidance
-from .schedule import flux2_sigmas
+from .schedule import schedule_sigmas
+from .solvers import make_solver
 from .tokens import (
     DOWNSCALE,
     LATENT_CHANNELS,
@@ -162,6 +164,8 @@ def sample_latents(
     callback: StepCallback | None = None,
     sigmas: list[float] | None = None,
     device: torch.device | str | None = None,
+    sampler: str = "euler",
+    scheduler: str = "flux2",
 ) -> Tensor:
     """Denoise FLUX.2 latents.
 
@@ -180,17 +184,21 @@ def sample_latents(
         denoise: image-to-image strength in (0, 1]; the last round(steps * denoise) steps are run,
             starting from sigma * noise + (1 - sigma) * init_latents.
         callback: called with a ``StepInfo`` after each step; returning True cancels.
-        sigmas: explicit schedule (num_steps + 1 values ending at 0) instead of ``flux2_sigmas``.
+        sigmas: explicit schedule (num_steps + 1 values ending at 0) instead of ``scheduler``'s.
         device: where to compute (default: the device of ``prompt_embeds``).
+        sampler: the solver, a name of ``solvers.SOLVERS`` ("euler", "dpmpp_2m", "res_multistep").
+        scheduler: the schedule when ``sigmas`` is None: "flux2" (FLUX.2's, the default) or
+            "simple" (ComfyUI's KSampler "simple" on FLUX.2).
 
     Returns:
         (B, 128, H/16, W/16) float32 normalised latents (decode with ``Flux2VAE.decode``).
 
     Raises:
-        InputError: bad size, embeddings, references, denoise or noise shape.
+        InputError: bad size, embeddings, references, denoise, noise shape, sampler or scheduler.
         GenerationCancelled: the callback returned True.
     """
     validate_size(width, height)
+    solver = make_solver(sampler)
     cfg = transformer.config
     _check_embeds("prompt_embeds", prompt_embeds, cfg.context_dim)
     device = torch.device(device) if device is not None else prompt_embeds.device
@@ -213,7 +221,10 @@ def sample_latents(
         if steps < 1:
             raise InputError(f"steps must be >= 1, got {steps}.")
     h, w = height // DOWNSCALE, width // DOWNSCALE
-    schedule = [float(v) for v in sigmas] if sigmas is not None else flux2_sigmas(steps, h * w)
+    if sigmas is not None:
+        schedule = [float(v) for v in sigmas]
+    else:
+        schedule = schedule_sigmas(scheduler, steps, h * w)
     if len(schedule) < 2:
         raise InputError(f"sigmas needs at least 2 values (start and end), got {len(schedule)}.")
     first = 0
@@ -254,26 +265,28 @@ def sample_latents(
     )
     x = pack(x)  # (B, N, 128)
     total = len(schedule) - 1 - first
+    run = schedule[first:]  # a multistep solver's history starts with the first step run
     logger.debug(
-        "sampling %dx%d, %d steps (%s guidance), %d reference tokens",
+        "sampling %dx%d, %d steps of %s (%s guidance), %d reference tokens",
         width,
         height,
         total,
+        sampler,
         plan.mode,
         0 if refs is None else refs[0].shape[1],
     )
     try:
         with torch.no_grad():
-            for i in range(first, len(schedule) - 1):
-                s, s_next = float(schedule[i]), float(schedule[i + 1])
+            for i in range(total):
+                s, s_next = run[i], run[i + 1]
                 v = velocity(x, s)
                 denoised = x - s * v
-                x = x + (s_next - s) * v
+                x = solver.step(x, v, run, i)
                 if callback is not None:
-                    info = StepInfo(i - first + 1, total, s, s_next, unpack(denoised, h, w), unpack(x, h, w))
+                    info = StepInfo(i + 1, total, s, s_next, unpack(denoised, h, w), unpack(x, h, w))
                     if callback(info) is True:
                         raise GenerationCancelled(
-                            f"Generation cancelled by the progress callback after step {i - first + 1} of "
+                            f"Generation cancelled by the progress callback after step {i + 1} of "
                             f"{total}; no result was produced."
                         )
     finally:

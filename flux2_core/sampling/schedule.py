@@ -1,12 +1,18 @@
-"""The FLUX.2 flow-matching sigma schedule (as BFL's flux2 sampling code and diffusers' FLUX.2 pipelines).
+"""Sigma schedules: FLUX.2's own and ComfyUI's "simple" one.
 
-sigmas = linspace(1, 0, n + 1) warped by t -> e^mu / (e^mu + 1/t - 1), where mu comes from an
-empirical fit in the number of target image tokens and the number of steps.
+- "flux2" (BFL's flux2 sampling code, diffusers' FLUX.2 pipelines, ComfyUI's Flux2Scheduler):
+  sigmas = linspace(1, 0, n + 1) warped by t -> e^mu / (e^mu + 1/t - 1), where mu comes from an
+  empirical fit in the number of target image tokens and the number of steps.
+- "simple" (ComfyUI's KSampler "simple" scheduler on its FLUX.2 model): n evenly spaced entries of a
+  table of 10000 sigmas time_shift(2.02, k / 10000), k = 1 .. 10000 (ComfyUI's ModelSamplingFlux with
+  the FLUX.2 shift 2.02 of comfy/supported_models.py), from the top, then 0. It ignores the image size.
 """
 
 from __future__ import annotations
 
 import math
+
+from ..errors import InputError
 
 # Empirical fit of mu (BFL): linear in token count at 10 and 200 steps, interpolated in steps.
 _A_10, _B_10 = 8.73809524e-05, 1.89833333
@@ -46,3 +52,42 @@ def flux2_sigmas(num_steps: int, image_seq_len: int) -> list[float]:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     mu = empirical_mu(image_seq_len, num_steps)
     return [time_shift(mu, 1.0 - i / num_steps) for i in range(num_steps + 1)]
+
+
+# ComfyUI's FLUX.2 sampling setting ("shift" in comfy/supported_models.py) and table length
+# (comfy/model_sampling.py ModelSamplingFlux).
+COMFY_FLUX2_SHIFT = 2.02
+_TABLE = 10000
+
+
+def simple_sigmas(num_steps: int, shift: float = COMFY_FLUX2_SHIFT) -> list[float]:
+    """ComfyUI's "simple" schedule over its FLUX.2 sigma table (see the module docstring).
+
+    Args:
+        num_steps: number of denoising steps (>= 1).
+        shift: mu of the table's time shift (2.02 for FLUX.2).
+
+    Returns:
+        num_steps + 1 floats, the first time_shift(shift, 1) = 1.0, the last 0.0.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+    stride = _TABLE / num_steps
+    # Entry -(1 + int(i * stride)) of the table is k = _TABLE - int(i * stride).
+    return [time_shift(shift, (_TABLE - int(i * stride)) / _TABLE) for i in range(num_steps)] + [0.0]
+
+
+SCHEDULERS = ("flux2", "simple")
+
+
+def schedule_sigmas(scheduler: str, num_steps: int, image_seq_len: int) -> list[float]:
+    """The sigmas of ``scheduler`` ("flux2" or "simple") for ``num_steps`` steps.
+
+    Raises:
+        InputError: an unknown scheduler name.
+    """
+    if scheduler == "flux2":
+        return flux2_sigmas(num_steps, image_seq_len)
+    if scheduler == "simple":
+        return simple_sigmas(num_steps)
+    raise InputError(f"unknown scheduler '{scheduler}'; choose one of: {', '.join(SCHEDULERS)}.")

@@ -130,12 +130,20 @@ def quantize_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / scale).to(torch.float8_e4m3fn), scale.reshape(()).to(torch.float32)
 
 
-def _is_decoder_linear(key: str) -> bool:
+def is_decoder_linear(key: str) -> bool:
+    """True for a decoder layer's projection weight (what the FP8 layouts store in float8)."""
     return ".layers." in key and key.endswith("_proj.weight")
 
 
-def _decoder_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
-    """``model.*`` decoder keys (+ ``lm_head.weight`` when untied) of the tiny model."""
+def decoder_state(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """``model.*`` decoder keys (+ ``lm_head.weight`` when untied) of a transformers model, named as
+    ComfyUI's and the published text-only files name them.
+
+    Args:
+        model: a transformers ``Mistral3ForConditionalGeneration`` / ``Qwen3ForCausalLM`` (any device,
+            meta included: only names and shapes are needed for a header).
+        kind: "mistral3" or a Qwen3 kind.
+    """
     sd = model.state_dict()
     if kind == "mistral3":
         out = {
@@ -191,7 +199,7 @@ def write_tiny_text_encoder(
         _write_hf(path, model, kind, layout, tok)
         return path
 
-    sd = {k: v.to(torch.bfloat16) for k, v in _decoder_state(model, kind).items()}
+    sd = {k: v.to(torch.bfloat16) for k, v in decoder_state(model, kind).items()}
     if kind == "mistral3":
         sd.pop("lm_head.weight")  # ComfyUI's [dev] encoder files are text-only embedders (no head)
     if layout == "comfyui-pruned":
@@ -202,7 +210,7 @@ def write_tiny_text_encoder(
             if k != "model.norm.weight" and not any(k.startswith(f"model.layers.{i}.") for i in range(30, 40))
         }
     if layout in ("comfyui-fp8", "comfyui-fp8-legacy"):
-        for key in [k for k in sd if _is_decoder_linear(k)]:
+        for key in [k for k in sd if is_decoder_linear(k)]:
             w8, scale = quantize_fp8(sd[key])
             sd[key] = w8
             base = key[: -len(".weight")]

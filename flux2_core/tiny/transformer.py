@@ -63,7 +63,17 @@ def random_bfl_state_dict(config: Flux2Config, seed: int = 0, dtype: torch.dtype
     return out
 
 
-def _quantized(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+def quantize_layout(sd: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """A BFL state dict with its block linears quantized as ``layout`` stores them.
+
+    Args:
+        sd: BFL names -> weights (any float dtype).
+        layout: "bfl-fp8" / "comfy-fp8" (per-tensor FP8 + weight and input scales; ComfyUI's files add
+            a ``comfy_quant`` marker), "comfy-scaled-fp8" (ComfyUI's legacy names) or "nvfp4".
+
+    Returns:
+        The entries of the file: unchanged tensors, quantized weights and their scales.
+    """
     out: dict[str, torch.Tensor] = {}
     for k, w in sd.items():
         if not is_block_linear(k):
@@ -142,7 +152,7 @@ def write_tiny_transformer(
     file.parent.mkdir(parents=True, exist_ok=True)
     metadata = None
     if layout in ("bfl-fp8", "comfy-fp8", "comfy-scaled-fp8", "nvfp4"):
-        sd = _quantized(sd, layout)
+        sd = quantize_layout(sd, layout)
         if layout in ("bfl-fp8", "comfy-fp8", "nvfp4"):
             fmt = "nvfp4" if layout == "nvfp4" else "float8_e4m3fn"
             layers = {k[: -len(".weight")]: {"format": fmt} for k in sd if is_block_linear(k)}

@@ -42,6 +42,18 @@ def _bytes_per_pixel(cfg: Flux2VAEConfig, kind: str, dtype: torch.dtype) -> int:
     return _ENCODE_ACT_FACTOR * cfg.encoder_widths[0] * size
 
 
+def activation_bytes(
+    cfg: Flux2VAEConfig, kind: str, height: int, width: int, dtype: torch.dtype, batch: int = 1
+) -> int:
+    """Estimated activation peak of one untiled ``kind`` ("encode" / "decode") pass, in bytes.
+
+    What a caller makes room for before the pass (as ComfyUI's VAE nodes ask its memory manager for
+    their estimate first): idle models give way, then "auto" tiling sizes tiles from what is free.
+    A 2048 x 2048 FLUX.2 decode in bf16 needs about 13 GB untiled.
+    """
+    return int(batch) * int(height) * int(width) * _bytes_per_pixel(cfg, kind, dtype)
+
+
 def resolve_tile(
     tile: TileArg,
     height: int,

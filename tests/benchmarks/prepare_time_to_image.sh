@@ -7,17 +7,19 @@
 #     comfyui.tar.gz    the pinned ComfyUI tree's code WITH its tokenizer folders (CLIPLoader and our
 #                       Qwen3 fallback need qwen25_tokenizer); no frontend: the server gets an empty root
 #     tekken.json       Mistral's tokenizer, embedded in the random Mistral file as ComfyUI's files do
+#     comfyui-gguf.tar.gz  city96's ComfyUI-GGUF (ComfyUI's side of the dev-gguf set; gguf is a wheel)
 # On the device, after each command that carried a part: `source tests/benchmarks/tti_device_setup.sh`
 # (installs into the ignored .device_out/, which stays while the machine is warm).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 COMFYUI_PATH="${COMFYUI_PATH:-$HOME/ComfyUI}"
+COMFYUI_GGUF_PATH="${COMFYUI_GGUF_PATH:-$HOME/ComfyUI-GGUF}"
 # Versions as in the test venv; comfy-kitchen (68 MB) is left out: ComfyUI imports it optionally.
 TTI_WHEELS="aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist==1.8.0 multidict==7.2.1
   propcache==0.5.4 yarl==1.25.1 attrs==26.1.0 alembic==1.20.1 SQLAlchemy==2.1.9 Mako==1.4.3 MarkupSafe==3.0.4
   greenlet av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 einops==0.8.2 comfy-aimdo==0.6.0 spandrel==0.4.2
   kornia==0.9.0 kornia_rs==0.2.0 sentencepiece==0.2.3 pydantic-settings==2.16.3 python-dotenv==1.2.4
-  ${TTI_EXTRA:-}"
+  gguf==0.19.0 ${TTI_EXTRA:-}"
 rm -rf .device_out/tti_carry && mkdir -p .device_out/tti_carry/all
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
@@ -27,6 +29,7 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   node_helpers.py latent_preview.py nodes.py utils server.py protocol.py main.py execution.py \
   cuda_malloc.py hook_breaker_ac10a0.py new_updater.py) > .device_out/tti_carry/all/comfyui.tar.gz
 cp "${FLUX2LOCAL_ASSETS:?run .ci/env.sh first (FLUX2LOCAL_ASSETS)}/mistral3-tekken/tekken.json" .device_out/tti_carry/all/
+(cd "$COMFYUI_GGUF_PATH" && tar czf - --exclude='__pycache__' --exclude='.git' .) > .device_out/tti_carry/all/comfyui-gguf.tar.gz
 # Pack the files into parts of at most 60 MiB (largest first).
 python3 - <<'PY'
 import os, shutil

@@ -1,8 +1,8 @@
 """Time to image through a real ComfyUI server: our shipped workflows against ComfyUI's own FLUX.2
 workflow on the same full-size random files, on emulated 24 / 12 / 8 GiB cards (GPU; JSON line last).
 
-Per model set ([klein] 4B + Qwen3 4B, [klein] 9B + Qwen3 8B, [dev] FP8 fp8mixed + Mistral Small FP8),
-one set on disk at a time (written tensor by tensor by `tti_models`, deleted before the next set):
+Per model set ([klein] 4B + Qwen3 4B, [klein] 9B + Qwen3 8B, [dev] FP8 fp8mixed + Mistral Small FP8,
+[dev] GGUF Q4_K_M + Mistral Small FP8), one set on disk at a time (written tensor by tensor by `tti_models`, deleted before the next set):
 for each budget and each system a fresh server (`tti_runtime.BenchServer`, default flags) runs
   cold    page cache dropped, server just started, first prompt;
   warm    the same server, a new prompt and seed;
@@ -14,16 +14,19 @@ from the probe pack sampling inside the server: peak VRAM (per stage), peak pinn
 weight_streaming ledger; ComfyUI: its pinned counter), peak RSS and machine RAM in use.
 
 ComfyUI's workflow follows its FLUX.2 templates (comfyui-workflow-templates image_flux2_text_to_image,
-image_flux2_klein_text_to_image): UNETLoader, CLIPLoader(flux2), CLIPTextEncode, FluxGuidance + BasicGuider
-([dev]) or CFGGuider 1 with a zeroed negative ([klein]), RandomNoise, KSamplerSelect(euler),
-Flux2Scheduler, EmptyFlux2LatentImage, SamplerCustomAdvanced, VAEDecode; steps, size, seed and prompt
-equal to ours.
+image_flux2_klein_text_to_image): UNETLoader (ComfyUI-GGUF's UnetLoaderGGUF for a .gguf, as its users
+run it), CLIPLoader(flux2), CLIPTextEncode, FluxGuidance + BasicGuider ([dev]) or CFGGuider 1 with a
+zeroed negative ([klein]), RandomNoise, KSamplerSelect(euler), Flux2Scheduler, EmptyFlux2LatentImage,
+SamplerCustomAdvanced, VAEDecode; steps, size, seed and prompt equal to ours.
+Our nodes now also report attach and encoder progress on their nodes (progress events whose maximum is
+MiB or layers): the steps are the sampler's progress events after the last of those.
 
 Examples (device: `source tests/benchmarks/tti_device_setup.sh` first; one command stays within 10 min):
   python3 tests/benchmarks/time_to_image.py --set klein4b --budgets 24,12,8 --keep-models
   python3 tests/benchmarks/time_to_image.py --set dev --budgets 12 --systems ours,comfy --keep-models
   python3 tests/benchmarks/time_to_image.py --set dev --budgets 12 --low-ram 32 --systems ours
   python3 tests/benchmarks/time_to_image.py --set dev --budgets 12 --size 2048 --systems ours
+  python3 tests/benchmarks/time_to_image.py --set dev-gguf --budgets 12,8 --keep-models
   python3 tests/benchmarks/time_to_image.py --report          # every result so far, ratios and goals
   python3 tests/benchmarks/time_to_image.py --smoke           # CPU: tiny models, the same machinery
 """
@@ -56,9 +59,11 @@ PROMPTS = (
 )
 LOADERS = {
     "Flux2LocalModelLoader",
+    "Flux2LocalLoRALoader",
     "Flux2LocalTextEncoderLoader",
     "Flux2LocalVAELoader",
     "UNETLoader",
+    "UnetLoaderGGUF",
     "CLIPLoader",
     "VAELoader",
 }
@@ -102,7 +107,9 @@ def native_prompt(s: tti_models.ModelSet, text: str, seed: int, like: dict, smok
         "unet": {
             "class_type": "UNETLoader",
             "inputs": {"unet_name": s.transformer, "weight_dtype": "default"},
-        },
+        }
+        if not s.transformer.endswith(".gguf")
+        else {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": s.transformer}},
         "vae": {"class_type": "VAELoader", "inputs": {"vae_name": tti_models.VAE_FILE}},
         "noise": {"class_type": "RandomNoise", "inputs": {"noise_seed": seed}},
         "sampler": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
@@ -163,6 +170,11 @@ def stages(
             starts.append((t, data["node"]))
         elif kind == "progress" and kinds.get(str(data.get("node"))) in SAMPLERS:
             progress.append((t, int(data["value"]), int(data["max"])))
+    # Steps: the sampler's progress after its last event of another maximum (attach progress in MiB).
+    if progress:
+        n_steps = progress[-1][2]
+        first = max((i + 1 for i, p in enumerate(progress) if p[2] != n_steps), default=0)
+        progress = progress[first:]
     windows: dict[str, list[tuple[float, float]]] = {}
     for i, (t, node) in enumerate(starts):
         windows.setdefault(node, []).append((t, starts[i + 1][0] if i + 1 < len(starts) else t_end))
@@ -240,7 +252,7 @@ def run_system(
     make_base_directory(base_dir)
     shutil.rmtree(base_dir / "models")
     (base_dir / "models").symlink_to(models, target_is_directory=True)
-    rt.link_packs(base_dir, args.smoke)
+    rt.link_packs(base_dir, args.smoke, gguf=s.transformer.endswith(".gguf"))
     if system != "ours" and not args.smoke:  # ComfyUI on its own (smoke runs need our encoder for it)
         (base_dir / "custom_nodes" / "flux2local-under-test").unlink()
     extra = rt.frontend_args() + (["--fast", "dynamic_vram"] if system == "comfy-dynamic" else [])
@@ -448,11 +460,7 @@ def main(argv=None) -> int:
     records = []
     for name in args.set.split(","):
         if name not in tti_models.SETS:
-            say(
-                f"{name}: skipped: flux2_core has no GGUF loader and writer yet"
-                if name == "dev-gguf"
-                else f"unknown set {name}"
-            )
+            say(f"unknown set {name}: choose from {', '.join(tti_models.SETS)}")
             continue
         s = tti_models.SETS[name]
         tti_models.delete_sets(models, keep=s)  # one set on disk at a time

@@ -4,8 +4,9 @@ The layouts are flux2_core/tiny's (the same key names, quantization and header m
 writers the tests use), at the published sizes: every tensor is generated (on the GPU when there is
 one), converted to its layout and written to the file before the next one is made, so host RAM never
 holds more than one tensor of a model. `--smoke` writes the same files at tiny sizes through the same
-code. The VAE is always full size (ComfyUI's VAELoader hard-codes FLUX.2's widths) and small enough to
-build in memory.
+code. GGUF transformers come from flux2_core/tiny/gguf.py's writer (tensor by tensor too, the common
+FLUX converter's layout, the Q4_K_M storage mix). The VAE is always full size (ComfyUI's VAELoader
+hard-codes FLUX.2's widths) and small enough to build in memory.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 from flux2_core.config import Flux2Config, bfl_shapes, is_block_linear
 from flux2_core.text_encoders.spec import DECODER_PRESETS, DecoderShape
 from flux2_core.tiny import TRANSFORMER_FILES
-from flux2_core.tiny.text_encoder import _decoder_state, _is_decoder_linear, quantize_fp8
-from flux2_core.tiny.transformer import COMFY_PREFIX, _quantized, tiny_config
+from flux2_core.tiny.text_encoder import decoder_state, is_decoder_linear, quantize_fp8
+from flux2_core.tiny.transformer import COMFY_PREFIX, quantize_layout, tiny_config
 
 GiB = 1 << 30
 
@@ -48,7 +49,7 @@ class ModelSet:
     """One benchmark model set: files under ComfyUI's model folders and the workflow that uses them.
 
     Attributes:
-        name: "klein4b", "klein9b", "dev".
+        name: "klein4b", "klein9b", "dev", "dev-gguf".
         transformer: file name under diffusion_models/ (its layout comes from flux2_core/tiny's table,
             or `transformer_layout`).
         variant: Flux2Config preset.
@@ -56,7 +57,8 @@ class ModelSet:
         te_kind: "qwen3-4b", "qwen3-8b" or "mistral3".
         te_layout: "comfyui" (bf16) or "comfyui-fp8".
         workflow: the shipped API workflow (workflows/api/<name>.api.json) run by our nodes.
-        transformer_layout: layout override (None: the tiny set's layout for that file name).
+        transformer_layout: layout override (None: the tiny set's layout for that file name);
+            "gguf-<mix>" writes a GGUF with that storage mix (e.g. "gguf-Q4_K_M").
     """
 
     name: str
@@ -103,6 +105,18 @@ SETS = {
         "mistral3",
         "comfyui-fp8",
         "flux2_dev_text_to_image",
+    ),
+    # The usual small-card [dev]: a Q4_K_M GGUF transformer (ComfyUI-GGUF's loader on ComfyUI's side)
+    # with ComfyUI's FP8 Mistral encoder.
+    "dev-gguf": ModelSet(
+        "dev-gguf",
+        "flux2-dev-Q4_K_M.gguf",
+        "dev",
+        "mistral_3_small_flux2_fp8.safetensors",
+        "mistral3",
+        "comfyui-fp8",
+        "flux2_dev_text_to_image",
+        transformer_layout="gguf-Q4_K_M",
     ),
 }
 _TE_PRESET = {"qwen3-4b": "qwen3-4b", "qwen3-8b": "qwen3-8b", "mistral3": "mistral-small-3.2-24b"}
@@ -188,8 +202,16 @@ def transformer_config(variant: str, smoke: bool, context_dim: int | None = None
 def write_transformer(
     path: Path, variant: str, layout: str, rand: _Rand, smoke: bool, context_dim: int
 ) -> int:
-    """A FLUX.2 transformer in flux2_core/tiny's `layout` ("bfl", "comfyui", "comfy-fp8", "bfl-fp8")."""
+    """A FLUX.2 transformer in flux2_core/tiny's `layout` ("bfl", "comfyui", "comfy-fp8", "bfl-fp8",
+    or "gguf-<mix>")."""
     cfg = transformer_config(variant, smoke, context_dim)
+    if layout.startswith("gguf-"):
+        from flux2_core.tiny.gguf import write_tiny_gguf_transformer
+
+        tmp = path.with_name(path.name + ".part.gguf")
+        write_tiny_gguf_transformer(tmp, variant, mix=layout[len("gguf-") :], seed=rand.seed, config=cfg)
+        os.replace(tmp, path)
+        return path.stat().st_size
     quant = layout in ("comfy-fp8", "bfl-fp8")
     prefix = COMFY_PREFIX if layout in ("comfyui", "comfy-fp8") else ""
 
@@ -201,7 +223,7 @@ def write_transformer(
             else:
                 w = rand.normal(key, shape, 1 / math.sqrt(shape[1]))
             w = w.to(torch.bfloat16)
-            out = _quantized({key: w}, layout) if quant and is_block_linear(key) else {key: w}
+            out = quantize_layout({key: w}, layout) if quant and is_block_linear(key) else {key: w}
             return {prefix + k: v for k, v in out.items()}
 
         return make
@@ -270,7 +292,7 @@ def write_text_encoder(
 ) -> int:
     """A text encoder in flux2_core/tiny's ComfyUI layouts ("comfyui" bf16 or "comfyui-fp8")."""
     shape = decoder_shape(kind, smoke)
-    names = _decoder_state(_meta_decoder(kind, shape), kind)
+    names = decoder_state(_meta_decoder(kind, shape), kind)
     if kind == "mistral3":
         names.pop("lm_head.weight")  # ComfyUI's [dev] encoder files are text-only embedders (no head)
 
@@ -283,7 +305,7 @@ def write_text_encoder(
             else:
                 w = rand.normal(key, t_shape, 1.0)
             w = w.to(torch.bfloat16)
-            if layout == "comfyui-fp8" and _is_decoder_linear(key):
+            if layout == "comfyui-fp8" and is_decoder_linear(key):
                 w8, scale = quantize_fp8(w)
                 base = key[: -len(".weight")]
                 marker = torch.tensor(list(_COMFY_QUANT), dtype=torch.uint8)
@@ -367,7 +389,7 @@ def delete_sets(models: Path, keep: ModelSet | None = None) -> None:
     """Delete every benchmark model file except `keep`'s (one set on disk at a time)."""
     keep_files = set(set_files(models, keep).values()) if keep else set()
     for sub in ("diffusion_models", "text_encoders"):
-        for p in (models / sub).glob("*.safetensors*"):
+        for p in [*(models / sub).glob("*.safetensors*"), *(models / sub).glob("*.gguf*")]:
             if p not in keep_files:
                 p.unlink()
     if keep is None:

@@ -75,11 +75,27 @@ class BenchServer(ComfyServer):
         return body
 
 
-def link_packs(base: Path, smoke: bool) -> None:
-    """The probe pack (loaded last: custom nodes load in name order) and, in smoke runs, the test
-    bridge that hands our conditioning to ComfyUI's sampler (its CLIPLoader cannot load tiny encoders)."""
+def comfyui_gguf_path() -> Path | None:
+    """city96's ComfyUI-GGUF tree (COMFYUI_GGUF_PATH, default ~/ComfyUI-GGUF), or None."""
+    path = Path(os.environ.get("COMFYUI_GGUF_PATH") or Path.home() / "ComfyUI-GGUF")
+    return path if (path / "nodes.py").is_file() else None
+
+
+def link_packs(base: Path, smoke: bool, gguf: bool = False) -> None:
+    """The probe pack (the probe finds our modules whenever it is asked, so load order does not
+    matter), ComfyUI-GGUF for a GGUF set (ComfyUI's side loads it with UnetLoaderGGUF), and, in smoke
+    runs, the test bridge that hands our conditioning to ComfyUI's sampler (its CLIPLoader cannot load
+    tiny encoders)."""
     nodes = base / "custom_nodes"
     (nodes / "zz_flux2bench_probe").symlink_to(HERE / "tti_probe", target_is_directory=True)
+    if gguf:
+        tree = comfyui_gguf_path()
+        if tree is None:
+            raise RuntimeError(
+                "a GGUF set needs ComfyUI-GGUF for ComfyUI's side: set COMFYUI_GGUF_PATH "
+                "(prepare_time_to_image.sh carries it to the device)"
+            )
+        (nodes / "ComfyUI-GGUF").symlink_to(tree, target_is_directory=True)
     if smoke:
         (nodes / "flux2local_test_bridge").symlink_to(ROOT / "tests" / "comfyui" / "bridge_pack", True)
 

@@ -41,10 +41,12 @@ def shrink(
 ) -> dict:
     """A copy of an API prompt with a small image size (tiny models on CPU) and optional overrides."""
     prompt = copy.deepcopy(prompt)
-    for node in nodes_of(prompt, "Flux2LocalSampler"):
-        node["inputs"]["width"], node["inputs"]["height"] = width, height
-        if steps is not None:
-            node["inputs"]["steps"] = steps
+    # ComfyUI's own nodes in mixed workflows: the empty latent sets the size, the scheduler its steps.
+    for kind in ("Flux2LocalSampler", "EmptyFlux2LatentImage", "Flux2Scheduler"):
+        for node in nodes_of(prompt, kind):
+            node["inputs"]["width"], node["inputs"]["height"] = width, height
+            if steps is not None and kind != "EmptyFlux2LatentImage":
+                node["inputs"]["steps"] = steps
     if dtype is not None:
         for t in ("Flux2LocalModelLoader", "Flux2LocalTextEncoderLoader", "Flux2LocalVAELoader"):
             for node in nodes_of(prompt, t):

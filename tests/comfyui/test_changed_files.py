@@ -3,6 +3,7 @@
 Re-downloading over the same name (cp, curl -o, wget -O) truncates a file that a loaded model may
 still view through a memory mapping; touching those pages is SIGBUS, which would kill the server
 with its whole queue. Each test works on its own copy of a tiny file, so the shared set stays intact.
+Transformers are checked as safetensors and as GGUF (Q4_K_M) files.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ from comfy_helpers import WORKFLOWS, decode_png, load, nodes_of, shrink
 from comfy_server import ComfyServer, history_error, history_images, make_base_directory
 
 KLEIN = WORKFLOWS / "flux2_klein_4b_text_to_image.api.json"
+SAFETENSORS_KLEIN = "flux-2-klein-4b.safetensors"
+GGUF_KLEIN = "flux-2-klein-4b-Q4_K_M.gguf"
+FORMATS = {"safetensors": (SAFETENSORS_KLEIN, ".safetensors"), "gguf": (GGUF_KLEIN, ".gguf")}
+
+
+@pytest.fixture(scope="module")
+def klein_files(comfy) -> dict[str, tuple[str, str]]:
+    """Format -> (tiny klein-4b file in diffusion_models, suffix); the GGUF one is written here."""
+    if not (comfy.base / "models" / "diffusion_models" / GGUF_KLEIN).exists():
+        _other_klein(comfy, GGUF_KLEIN, seed=3)
+    return FORMATS
 
 
 def _prompt(model: str | None = None, encoder: str | None = None, seed: int = 1, text: str | None = None):
@@ -54,17 +66,22 @@ def _copy(comfy, folder: str, source: str, name: str) -> str:
 
 
 def _other_klein(comfy, name: str, seed: int) -> str:
-    """Another tiny klein-4b file (other random weights, same shapes and size) under ``name``."""
+    """Another tiny klein-4b file (other random weights, same shapes and size) under ``name``: a
+    ComfyUI-layout safetensors file, or a Q4_K_M GGUF when the name ends in .gguf."""
     from safetensors import safe_open
 
+    from flux2_core.tiny.gguf import write_tiny_gguf_transformer
     from flux2_core.tiny.transformer import write_tiny_transformer
 
     models = comfy.base / "models" / "diffusion_models"
-    with safe_open(str(models / "flux-2-klein-4b.safetensors"), "pt") as f:
+    with safe_open(str(models / SAFETENSORS_KLEIN), "pt") as f:
         key = next(k for k in f.keys() if k.endswith("txt_in.weight"))
         context_dim = f.get_slice(key).get_shape()[1]
     path = models / name
-    write_tiny_transformer(path, variant="klein-4b", layout="comfyui", seed=seed, context_dim=context_dim)
+    if name.endswith(".gguf"):
+        write_tiny_gguf_transformer(path, "klein-4b", mix="Q4_K_M", seed=seed, context_dim=context_dim)
+    else:
+        write_tiny_transformer(path, variant="klein-4b", layout="comfyui", seed=seed, context_dim=context_dim)
     return str(path)
 
 
@@ -73,11 +90,12 @@ def _assert_serving(comfy):
     _image(comfy, _prompt(seed=77))
 
 
-@pytest.mark.parametrize("which", ["transformer", "text_encoder"])
-def test_truncated_while_loaded_fails_cleanly_and_the_next_load_works(comfy, which):
-    if which == "transformer":
-        name, path = "trunc-klein.safetensors", None
-        path = _copy(comfy, "diffusion_models", "flux-2-klein-4b.safetensors", name)
+@pytest.mark.parametrize("which", ["transformer", "gguf transformer", "text_encoder"])
+def test_truncated_while_loaded_fails_cleanly_and_the_next_load_works(comfy, klein_files, which):
+    if which.endswith("transformer"):
+        source, suffix = klein_files["gguf" if which.startswith("gguf") else "safetensors"]
+        name = "trunc-klein" + suffix
+        path = _copy(comfy, "diffusion_models", source, name)
         make = lambda seed, text: _prompt(model=name, seed=seed, text=text)  # noqa: E731
     else:
         name = "trunc-qwen.safetensors"
@@ -96,10 +114,12 @@ def test_truncated_while_loaded_fails_cleanly_and_the_next_load_works(comfy, whi
     _assert_serving(comfy)
 
 
-def test_truncated_between_loader_and_sampler_is_refused_naming_the_file(comfy):
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
+def test_truncated_between_loader_and_sampler_is_refused_naming_the_file(comfy, klein_files, fmt):
     """The loader ran and then the file changed: the sampler must not touch the mapping."""
-    name = "midrun-klein.safetensors"
-    path = _copy(comfy, "diffusion_models", "flux-2-klein-4b.safetensors", name)
+    source, suffix = klein_files[fmt]
+    name = "midrun-klein" + suffix
+    path = _copy(comfy, "diffusion_models", source, name)
     original = open(path, "rb").read()
     prompt = _prompt(model=name, seed=11)
     prompt["cut"] = {
@@ -116,10 +136,12 @@ def test_truncated_between_loader_and_sampler_is_refused_naming_the_file(comfy):
     _assert_serving(comfy)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "gguf"])
 @pytest.mark.parametrize("how", ["os.replace", "rewritten in place"])
-def test_changed_file_is_reloaded(comfy, how):
-    name = f"changing-klein-{how.replace(' ', '-').replace('.', '-')}.safetensors"
-    path = _copy(comfy, "diffusion_models", "flux-2-klein-4b.safetensors", name)
+def test_changed_file_is_reloaded(comfy, klein_files, how, fmt):
+    source, suffix = klein_files[fmt]
+    name = f"changing-klein-{how.replace(' ', '-').replace('.', '-')}{suffix}"
+    path = _copy(comfy, "diffusion_models", source, name)
     fresh = _other_klein(comfy, f"fresh-{name}", seed=999)
     expected = _image(comfy, _prompt(model=f"fresh-{name}", seed=5))  # what the new weights give
     before = _image(comfy, _prompt(model=name, seed=5))  # now cached: loader, encoder and sampler outputs
@@ -146,12 +168,15 @@ def _mapped_files(pid: int) -> str:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux /proc/<pid>/maps")
-def test_disable_mmap_is_honoured(comfy, tmp_path):
+def test_disable_mmap_is_honoured(comfy, klein_files, tmp_path):
     """With --disable-mmap no model file stays mapped; by default the loaded file is mapped."""
     name = "mapped-klein.safetensors"
-    path = _copy(comfy, "diffusion_models", "flux-2-klein-4b.safetensors", name)
-    _image(comfy, _prompt(model=name, seed=21))
-    assert path in _mapped_files(comfy.proc.pid)  # the default: zero-copy views of the file
+    path = _copy(comfy, "diffusion_models", SAFETENSORS_KLEIN, name)
+    gguf_name = "mapped-klein.gguf"
+    gguf_path = _copy(comfy, "diffusion_models", klein_files["gguf"][0], gguf_name)
+    for n, p in ((name, path), (gguf_name, gguf_path)):  # (the loader's cache holds the last model)
+        _image(comfy, _prompt(model=n, seed=21))
+        assert p in _mapped_files(comfy.proc.pid)  # the default: zero-copy views of the file
 
     base = tmp_path / "nommap"
     base.mkdir()
@@ -162,12 +187,15 @@ def test_disable_mmap_is_honoured(comfy, tmp_path):
     server = ComfyServer(base, extra_args=["--disable-mmap"]).start()
     try:
         _image(server, _prompt(model=name, seed=21))
+        _image(server, _prompt(model=gguf_name, seed=21))
         maps = _mapped_files(server.proc.pid)
-        assert ".safetensors" not in maps, [line for line in maps.splitlines() if ".safetensors" in line]
+        for suffix in (".safetensors", ".gguf"):
+            assert suffix not in maps, [line for line in maps.splitlines() if suffix in line]
         # and a file truncated under it cannot crash it: the weights are the pack's own memory
-        os.truncate(path, os.path.getsize(path) // 2)
-        err = history_error(server.run(_prompt(model=name, seed=22)))
-        assert err is not None and name in err["exception_message"]
+        for n, p in ((name, path), (gguf_name, gguf_path)):
+            os.truncate(p, os.path.getsize(p) // 2)
+            err = history_error(server.run(_prompt(model=n, seed=22)))
+            assert err is not None and n in err["exception_message"]
         assert server.alive()
     finally:
         server.stop()

@@ -154,13 +154,19 @@ def test_oversized_image_is_refused_before_anything_loads(comfy, editor):
 def test_run_from_the_editor_shows_the_detected_model(comfy, editor, screenshots, path):
     workflow = load(path)
     nodes = {n["type"]: n for n in workflow["nodes"]}
-    sampler, loader = nodes["Flux2LocalSampler"], nodes["Flux2LocalModelLoader"]
+    loader = nodes["Flux2LocalModelLoader"]
+    sampler = nodes.get("Flux2LocalSampler")  # None: ComfyUI's samplers (size and steps on their nodes)
     marked = "Flux2LocalSaveImage" in nodes  # the watermark needs 256x256
     size = 256 if marked else 128
-    changes = [[sampler["id"], "width", size], [sampler["id"], "height", size]]
-    steps = sampler["widgets_values"][4]
+    changes = []
+    for kind in ("Flux2LocalSampler", "EmptyFlux2LatentImage", "Flux2Scheduler"):
+        if kind in nodes:
+            changes += [[nodes[kind]["id"], "width", size], [nodes[kind]["id"], "height", size]]
+    steps = sampler["widgets_values"][4] if sampler else None  # after the seed and its control
     if steps:  # keep "auto" where the template has it (its label is checked below)
         changes.append([sampler["id"], "steps", 2])
+    if "Flux2Scheduler" in nodes:
+        changes.append([nodes["Flux2Scheduler"]["id"], "steps", 2])
     try:
         open_workflow(editor, workflow, path.name)
         editor.call(SET_WIDGETS, changes)
@@ -183,10 +189,11 @@ def test_run_from_the_editor_shows_the_detected_model(comfy, editor, screenshots
     assert expected_kind in shown and f"{plan.default_steps} steps" in shown, shown
     assert ("GGUF" in shown) == model_file.name.endswith(".gguf"), shown
 
-    widgets = {w["name"]: w for w in by_type["Flux2LocalSampler"]["widgets"]}
-    assert widgets["guidance"]["label"] == GUIDANCE_LABELS[plan.mode], widgets["guidance"]
-    if not steps:
-        assert widgets["steps"]["shown"] == f"auto ({plan.default_steps})", widgets["steps"]
+    if sampler:
+        widgets = {w["name"]: w for w in by_type["Flux2LocalSampler"]["widgets"]}
+        assert widgets["guidance"]["label"] == GUIDANCE_LABELS[plan.mode], widgets["guidance"]
+        if not steps:
+            assert widgets["steps"]["shown"] == f"auto ({plan.default_steps})", widgets["steps"]
     saver = by_type.get("SaveImage") or by_type["Flux2LocalSaveImage"]
     assert saver["images"] >= 1, "the saved image is not shown on the save node"
 

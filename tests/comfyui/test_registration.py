@@ -18,6 +18,7 @@ DISPLAY_NAMES = {
     "Flux2LocalContentFilter": "FLUX.2 Content Filter",
     "Flux2LocalSaveImage": "FLUX.2 Save Image",
     "Flux2LocalCheckProvenance": "FLUX.2 Check Provenance",
+    "Flux2LocalToNativeModel": "FLUX.2 To Native MODEL",
 }
 
 
@@ -54,9 +55,18 @@ def test_multi_reference_grows_to_ten_images(object_info):
 def test_own_socket_types_and_native_latent(object_info):
     sampler = object_info["Flux2LocalSampler"]
     req = sampler["input"]["required"]
-    assert req["model"][0] == "FLUX2LOCAL_MODEL"
-    assert req["conditioning"][0] == "FLUX2LOCAL_CONDITIONING"
+    # Ours first (the editor's default link type), ComfyUI's accepted too.
+    assert req["model"][0].split(",") == ["FLUX2LOCAL_MODEL", "MODEL"]
+    assert req["conditioning"][0].split(",") == ["FLUX2LOCAL_CONDITIONING", "CONDITIONING"]
+    assert sampler["input"]["optional"]["negative"][0] == "CONDITIONING"
     assert sampler["output"] == ["LATENT"]
+    assert object_info["Flux2LocalToNativeModel"]["output"] == ["MODEL"]
+    assert object_info["Flux2LocalEncodePrompt"]["output"] == [
+        "FLUX2LOCAL_CONDITIONING",
+        "STRING",
+        "CONDITIONING",
+        "CONDITIONING",
+    ]
     assert object_info["Flux2LocalVAEDecode"]["output"] == ["IMAGE"]
 
 

@@ -106,7 +106,11 @@ def test_api_workflow_runs(comfy, path):
     assert pixels.shape == (height, width, 3)
     assert np.isfinite(pixels).all()
     assert pixels.std() > 1e-3, "output image is constant"
-    # The loader reports what it found, for the editor (shown on the node) and API clients.
+    # The loader reports what it found, for the editor (shown on the node) and API clients; a loader
+    # that ComfyUI took from its cache (the same model as the workflow before) reports nothing.
     loader = next(k for k, v in prompt.items() if v["class_type"] == "Flux2LocalModelLoader")
+    cached = [n for kind, m in entry["status"]["messages"] if kind == "execution_cached" for n in m["nodes"]]
+    if loader in cached:
+        return
     shown = entry["outputs"][loader]
     assert shown["text"] and shown["flux2local_model"][0]["guidance"] in ("embedded", "cfg", "none")

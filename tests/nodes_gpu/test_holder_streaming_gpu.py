@@ -1,8 +1,8 @@
 """The nodes' model holder on a real GPU with ComfyUI's real memory manager.
 
 What the CPU suite cannot show: ``ModuleHolder.prepare`` attaching the weight streamer when the
-model is over the VRAM budget, sampling through it on CUDA, and ComfyUI's "free memory" path
-giving the VRAM back. The pack's ``nodes`` modules are imported as ComfyUI would see them (inside a
+model is over the VRAM budget, sampling through it on CUDA, ComfyUI's "free memory" path giving
+the VRAM back while really page-locked buffers stay for the next run, and "unload all" unpinning them. The pack's ``nodes`` modules are imported as ComfyUI would see them (inside a
 package, relative imports) without running the node registration (no server needed).
 """
 
@@ -40,6 +40,7 @@ def holders():
     holders = importlib.import_module(f"{PACK}.nodes.holders")
     memory = importlib.import_module(f"{PACK}.nodes.memory")
     memory.install_hooks()
+    memory.configure_host_memory()  # as the pack's entry point: unload-all releases kept pins
     return holders, memory
 
 
@@ -88,10 +89,24 @@ def test_streamed_holder_matches_resident_and_gives_vram_back(holders, tmp_path)
     torch.testing.assert_close(got, expected, rtol=0, atol=0)  # streaming must not change numerics
     assert holder.on_gpu and torch.cuda.memory_allocated() > before
 
-    # ComfyUI's "Free model and node cache" / unload_all_models goes through free_memory: our idle
-    # holder must give its VRAM back.
+    # ComfyUI needing VRAM (its free_memory for another model) offloads our idle holder: the VRAM
+    # comes back, the page-locked host buffers stay for the next run.
     import comfy.model_management as mm
 
+    hostmem = importlib.import_module(f"{PACK}.weight_streaming.hostmem")
+    streamed = holder.streamer.telemetry().streamed_bytes
+    mm.free_memory(torch.cuda.get_device_properties(0).total_memory, device)
+    assert not holder.on_gpu and holder.streamer.kept_pinned_bytes == streamed > 0
+    assert torch.cuda.memory_allocated() <= before + 1024**2
+    assert all(buf.pinned for buf in holder.streamer._kept.values())
+    with holder.using(device):
+        again = _sample(holder.prepare(device), model.config, device)
+        t = holder.streamer.telemetry()
+    assert t.reused_pinned_bytes == t.streamed_bytes == streamed  # attached again without pinning
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+
+    # "Free model and node cache" / unload_all_models: VRAM back and the kept pins released too.
     mm.unload_all_models()
-    assert not holder.on_gpu and holder.streamer is None
+    assert not holder.on_gpu and holder.streamer.kept_pinned_bytes == 0
+    assert hostmem.pinned_in_use() == 0
     assert torch.cuda.memory_allocated() <= before + 1024**2

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from torch.testing import assert_close
 
 from flux2_core import CheckpointError, load_text_encoder
-from flux2_core.tiny.text_encoder import _is_decoder_linear, quantize_fp8
+from flux2_core.tiny.text_encoder import is_decoder_linear, quantize_fp8
 
 PROMPTS = ("a glass teapot on a wooden table",)
 
@@ -41,7 +41,7 @@ def _dequantized_reference(model):
     ref = copy.deepcopy(model)
     with torch.no_grad():
         for name, p in ref.named_parameters():
-            if _is_decoder_linear(name):
+            if is_decoder_linear(name):
                 w8, scale = quantize_fp8(p.to(torch.bfloat16))
                 p.copy_(w8.float() * scale)
     return ref
