@@ -146,12 +146,13 @@ LINK_INPUTS = {
     ],
 }
 # (width, height) of the node body. The Sampler and the image savers leave room below their widgets
-# for the live preview and the result; Load Image for its picture.
+# for the live preview and the result; Load Image for its picture; the loaders for the line of
+# loading progress they show during a run.
 SIZES = {
-    "Flux2LocalModelLoader": (360, 200),
+    "Flux2LocalModelLoader": (360, 250),  # room for the detected model and the loading progress
     "Flux2LocalLoRALoader": (360, 100),
-    "Flux2LocalTextEncoderLoader": (360, 80),
-    "Flux2LocalVAELoader": (360, 80),
+    "Flux2LocalTextEncoderLoader": (360, 120),
+    "Flux2LocalVAELoader": (360, 120),
     "Flux2LocalEncodePrompt": (400, 330),
     "Flux2LocalMultiReference": (300, 180),
     "Flux2LocalSampler": (360, 600),

@@ -51,7 +51,10 @@ READ_GRAPH = f"""() => {{
     registered: n.type in LiteGraph.registered_node_types,
     has_errors: !!n.has_errors,
     bounds: [...n.getBounding()],
-    free_space: n.freeWidgetSpace ?? null,
+    // Room left below the widgets (LiteGraph's own figure); a node without widgets (e.g.
+    // SamplerCustomAdvanced) has room below its rows of sockets.
+    free_space: n.freeWidgetSpace ?? ((n.widgets ?? []).length ? null
+      : n.size[1] - Math.max((n.inputs ?? []).length, (n.outputs ?? []).length) * LiteGraph.NODE_SLOT_HEIGHT),
     images: (n.imgs ?? []).length,
     // DOM widgets (the Markdown note, multiline text): how much of their content they show.
     overflow: (n.widgets ?? []).filter(w => w.element).map(w => {{
@@ -104,6 +107,14 @@ RUN = f"""async (timeoutMs) => {{
   const result = await Promise.race([outcome, timer]);
   await new Promise(r => setTimeout(r, 500));  // the last executed / preview messages
   return result;
+}}"""
+# Waits (up to ms) until each node of ``ids`` shows an image: the editor fetches a saved image from
+# /view after the run's last message, so it can come after execution_success.
+IMAGES_SHOWN = f"""async (ids, ms) => {{
+  const app = {APP};
+  const shown = () => ids.every(id => (app.graph.getNodeById(id)?.imgs ?? []).length > 0);
+  for (let t = 0; t < ms && !shown(); t += 100) await new Promise(r => setTimeout(r, 100));
+  return shown();
 }}"""
 SET_WIDGETS = f"""(values) => {{
   const app = {APP};

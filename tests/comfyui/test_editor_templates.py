@@ -8,8 +8,9 @@
   is itself valid and keeps the aspect ratio.
 - Each template runs from the editor (small size, tiny models); afterwards the Model Loader shows
   the variant, format and size it found (checked against flux2_core's own reading of the file), the
-  sampler's guidance widget is named for that variant and "auto" says what it picked. A screenshot
-  of each is saved after the run.
+  sampler's guidance widget is named for that variant and "auto" says what it picked, and no node
+  has grown onto another (loading progress, preview, result). A screenshot of each is saved after
+  the run.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from comfy_helpers import TEMPLATES, WORKFLOWS, load, ui_workflows
 from editor_page import (
     APP,
     DIALOGS,
+    IMAGES_SHOWN,
     READ_GRAPH,
     RUN,
     SET_WIDGETS,
     SETTLE,
     close_dialogs,
     open_workflow,
+    overlaps,
     screenshot,
 )
 
@@ -171,12 +174,17 @@ def test_run_from_the_editor_shows_the_detected_model(comfy, editor, screenshots
         open_workflow(editor, workflow, path.name)
         editor.call(SET_WIDGETS, changes)
         outcome = editor.call(RUN, 240_000, timeout=300)
+        saver = (nodes.get("SaveImage") or nodes["Flux2LocalSaveImage"])["id"]
+        editor.call(IMAGES_SHOWN, [saver], 15_000, timeout=30)
         editor.call(SETTLE)
         report = editor.call(READ_GRAPH)
     finally:
         screenshot(editor, screenshots, f"{path.stem} - after run")
         close_dialogs(editor)
     assert outcome["event"] == "execution_success", outcome
+    # What the nodes show after a run (the detected model, loading progress, the preview and the
+    # saved image) fits in the room the layout left: nothing grew onto its neighbour.
+    assert not overlaps(report), f"{path.name} after a run: overlapping nodes {overlaps(report)}"
 
     # What flux2_core itself reads from the file the loader names.
     model_file = comfy.base / "models" / "diffusion_models" / loader["widgets_values"][0]
@@ -215,9 +223,14 @@ def test_cached_loader_shows_what_it_found_after_a_reload(comfy, editor):
         "nan"
     )
     comfy.run(broken)  # refused by the sampler; its prompt, NaN included, stays in the history
-    editor.navigate(comfy.url + "/")  # a fresh page: nothing remembered in it
+    # A fresh page: nothing remembered in it. Without the stored tabs it opens no earlier workflow,
+    # whose loading would race the one below (the frontend's model-folder listing is shared, and a
+    # folder still loading for one graph reads as empty to the other: a false Missing Models).
+    editor.evaluate("localStorage.clear(), sessionStorage.clear(), true")
+    editor.navigate(comfy.url + "/")
     editor.wait_for(READY, timeout=90, what="the reloaded editor")
     editor.call(CLOSE_DIALOGS)
+    editor.call(SETTLE)
     sampler = next(n["id"] for n in workflow["nodes"] if n["type"] == "Flux2LocalSampler")
     try:
         open_workflow(editor, workflow, path.name)
