@@ -2,14 +2,18 @@
 
 A holder is what our custom socket types carry (FLUX2LOCAL_MODEL, _TEXT_ENCODER, _VAE). Weights
 are loaded on the offload device (CPU, memory-mapped where the file allows); ``prepare(device)``
-moves them fully to the GPU when they fit in the budget, or attaches the weight streamer (resident
-blocks + paging from pinned RAM) when they do not.
+places them through the holder's weight streamer: all of them when they fit in the budget (nothing
+streamed), else resident blocks + paging from pinned RAM.
 
-A streamed module keeps its streamer across offloads: ComfyUI offloading it gives the VRAM back
-(``detach(keep_pinned=True)``) but keeps the page-locked host buffers, so the next ``prepare``
-re-plans for the new budget and work and re-attaches without pinning again (pinning [dev] takes
-tens of seconds). The kept buffers stay within weight_streaming's process-wide pinned limit, which
-takes them back when another model needs pinned memory; ComfyUI's "unload all" (POST /free, the
+Either way the module keeps its streamer across offloads, and every weight (streamed, resident and
+non-block) has a page-locked host buffer that its parameter points into between runs, filled in
+parallel on the first placement. ComfyUI offloading the module (``detach(keep_pinned=True)``) only
+drops the GPU copies: nothing is copied back to the host, host memory does not grow, and the next
+``prepare`` re-plans for the new budget and work and places the weights again at pinned bandwidth
+without pinning again (pinning [dev] takes tens of seconds; copying a 7 GiB model back and forth
+through pageable memory took seconds per swap). The kept buffers stay within weight_streaming's
+process-wide pinned limit, which takes them back when another model needs pinned memory (past the
+limit weights are placed from where they were loaded); ComfyUI's "unload all" (POST /free, the
 "Free model and node cache" button) and dropping the holder release them.
 
 A transformer holder also carries a LoRA stack, applied (on the fly, beside the layers) each time it
@@ -102,13 +106,19 @@ class ModuleHolder(memory.GpuHolder):
             return self.streamer.plan.device_bytes
         return self.total_bytes
 
+    @property
+    def streams(self) -> bool:
+        """True while some blocks are paged in from host memory (not everything kept on the device)."""
+        s = self.streamer
+        return s is not None and s.attached and bool(s.plan.streamed_indices)
+
     def run(self, fn, *args, **kwargs):
         """``fn(*args, **kwargs)`` on the prepared module; when it is streamed, through the streamer's
         ``call``: a device out-of-memory error lowers the resident blocks and runs ``fn`` again (it
         must be safe to repeat: a forward pass or an encode is)."""
         streamer = self.streamer
-        if streamer is None or not streamer.attached:
-            return fn(*args, **kwargs)
+        if streamer is None or not streamer.attached or self.streaming is None:
+            return fn(*args, **kwargs)  # a module that never streams: the error is the caller's
         return streamer.call(fn, *args, **kwargs)
 
     def guarded(self, module: nn.Module) -> OOMGuarded:
@@ -165,15 +175,32 @@ class ModuleHolder(memory.GpuHolder):
         self.offload()
         budget = max(0, self._budget(device, activation_bytes) - lora_bytes)
         if self.streaming is None or self.total_bytes <= budget:
-            # Resident: kept pinned buffers would only hold a second host copy while it is on the GPU.
-            self._drop_streamer()
             memory.make_room(self.total_bytes + lora_bytes, device)
-            self.module.to(device)
+            self.place_resident(device)
         else:
+            memory.make_room(budget, device)
             self._attach_streamer(device, budget, block_flops)
-        self.device = device
-        self.on_stand_in = device.type == "cpu"
         return self.module
+
+    def place_resident(self, device: torch.device) -> None:
+        """All weights onto ``device`` (the caller made room), through page-locked host copies.
+
+        The streamer with no budget limit: each block (and the non-block weights) is copied from its
+        page-locked host buffer in one transfer, the buffers filled in parallel on the first placement
+        (within the process-wide pinned limit) and kept across offloads; offloading points the
+        weights back at them, so nothing is copied back and host memory does not grow.
+        """
+        from ..weight_streaming.config import UNLIMITED
+
+        if self.on_gpu:
+            self.offload()
+        self._attach_streamer(device, UNLIMITED, None)
+
+    def place_streamed(self, device: torch.device, budget: int) -> None:
+        """Weights onto ``device`` within ``budget`` bytes through the (kept) streamer; the caller made room."""
+        if self.on_gpu:
+            self.offload()
+        self._attach_streamer(device, budget, None)
 
     def _room_beside(self, device: torch.device, activation_bytes: int) -> bool:
         """Whether the weights as placed leave ``activation_bytes`` free (idle models give way first).
@@ -202,13 +229,17 @@ class ModuleHolder(memory.GpuHolder):
     def _streaming_config(self, device: torch.device, budget: int, block_flops: tuple[float, ...] | None):
         from ..weight_streaming import StreamingConfig
 
-        pinned = int(self.streaming.pinned_ram_gb * GIB) if self.streaming.pinned_ram_gb > 0 else None
+        cap = self.streaming.pinned_ram_gb if self.streaming is not None else 0
+        pinned = int(cap * GIB) if cap > 0 else None
         return StreamingConfig.from_name(
             "auto",  # the user's budget and cap on top of the default prefetch and ring
             vram_budget=int(budget),
             pinned_cap=pinned,
             block_flops=tuple(block_flops) if block_flops else None,
             pin_memory=memory.pin_memory_setting(device),  # False under --disable-pinned-memory
+            # Weights kept on the device get page-locked host copies too: placing them again after
+            # an offload is then a DMA copy, and the offload itself copies nothing back.
+            pin_resident=True,
         )
 
     def _attach_streamer(
@@ -216,7 +247,6 @@ class ModuleHolder(memory.GpuHolder):
     ) -> None:
         from ..weight_streaming import WeightStreamer
 
-        memory.make_room(budget, device)
         config = self._streaming_config(device, budget, block_flops)
         streamer = self.streamer
         if streamer is not None and not memory.same_device(streamer.device, device):
@@ -225,22 +255,38 @@ class ModuleHolder(memory.GpuHolder):
         if streamer is None:
             # The text encoder reads its streamed layers straight from the file into pinned memory.
             source = getattr(self.module, "weight_source", None)
-            streamer = WeightStreamer(self.module, config, device, source=source)
+            # A module without block lists (the VAE) is placed whole: nothing to stream.
+            blocks = None if getattr(self.module, "streamable_blocks", None) else ()
+            streamer = WeightStreamer(self.module, config, device, blocks=blocks, source=source)
             self.streamer = streamer
             # Dropping the holder (ComfyUI evicting the loader's output) unpins what it kept at once.
             self._release_on_drop = weakref.finalize(self, streamer.release_pinned)
         else:
             # The same streamer, re-planned for this run's budget and work; kept buffers are reused.
             streamer.config = config
-        log.info("Flux2Local: streaming %s with a %.2f GiB VRAM budget", self.label, budget / GIB)
+        from ..weight_streaming.config import UNLIMITED
+
+        if budget < UNLIMITED:
+            log.info("Flux2Local: streaming %s with a %.2f GiB VRAM budget", self.label, budget / GIB)
         streamer.attach(progress=attach_progress(self.label))
+        self.device = device
+        self.on_stand_in = device.type == "cpu" and memory.CPU_STAND_IN is not None
         t = streamer.telemetry()
         log.info(
-            "Flux2Local: %s attached in %.1f s: %.2f GiB pinned again from before, %.2f GiB newly pinned",
+            "Flux2Local: %s placed in %.1f s (%d blocks kept on the device, %d streamed): %.2f GiB pinned "
+            "again from before, %.2f GiB newly pinned",
             self.label,
             t.attach_seconds,
-            t.reused_pinned_bytes / GIB,
-            (t.pinned_bytes - t.reused_pinned_bytes) / GIB,
+            t.resident_blocks,
+            t.streamed_blocks,
+            (t.reused_pinned_bytes + t.resident_reused_pinned_bytes) / GIB,
+            (
+                t.pinned_bytes
+                + t.resident_pinned_bytes
+                - t.reused_pinned_bytes
+                - t.resident_reused_pinned_bytes
+            )
+            / GIB,
         )
 
     def _drop_streamer(self) -> None:
@@ -255,8 +301,10 @@ class ModuleHolder(memory.GpuHolder):
 
         release_device_copies(self.module)  # the LoRA factors' GPU copies go with the weights
         if self.streamer is not None and self.streamer.attached:
-            self.streamer.detach(keep_pinned=True)  # VRAM back; pinned host buffers kept
-        else:
+            # VRAM back: the weights point at their host memory again (pinned copies kept), so
+            # nothing is copied back and host memory does not grow.
+            self.streamer.detach(keep_pinned=True)
+        else:  # placed by someone else with .to() (not by this holder)
             self.module.to(memory.offload_device())
 
 

@@ -11,7 +11,9 @@ ModelPatchers, so ComfyUI does not know about their VRAM by itself. This module 
   recovery) is ``free_memory(1e30, device)``, so it reaches our models through the same hook, which
   then also empties the caches registered with ``on_unload_all`` (prompt embeddings, tokenizers);
 - outputs go to ``intermediate_device()``;
-- under DynamicVRAM (per-node CUDA memory pools) weights never stay on the GPU between nodes;
+- under DynamicVRAM (per-node CUDA memory pools, ``--fast dynamic_vram``; off by default in the
+  pinned ComfyUI) weights never stay on the GPU between nodes: each node places them again from
+  their kept page-locked host copies (nothing is copied back when they leave);
 - page-locked host memory: ComfyUI's own pinned bytes count against weight_streaming's process-wide
   limit, ``--disable-pinned-memory`` turns pinning off for our streamed models too, and "unload
   all" also gives back the pinned buffers detached models kept for a quick re-attach.

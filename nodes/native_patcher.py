@@ -4,9 +4,9 @@ ComfyUI (comfy/model_management.py) loads a MODEL with ``LoadedModel.model_load`
 ``patcher.partially_load(device, extra_bytes)`` (1e32 = everything), frees VRAM with
 ``partially_unload(offload, bytes)`` or ``detach()``, and plans with ``model_size()`` and
 ``loaded_size()``. ComfyUI's own patcher moves or casts single weights; here the same calls place the
-whole transformer: fully on the device when the budget holds it, else the weight streamer with that
-budget (resident blocks + ring, the rest paged from pinned RAM), re-planned when ComfyUI grants or
-takes back memory. ``loaded_size()`` reads where the weights really are (the holder's state), so a
+whole transformer through the holder's weight streamer: fully on the device when the budget holds it
+(from page-locked host copies, so unloading copies nothing back), else with that budget (resident
+blocks + ring, the rest paged from pinned RAM), re-planned when ComfyUI grants or takes back memory. ``loaded_size()`` reads where the weights really are (the holder's state), so a
 FLUX.2 node or our memory hook moving them is seen at once. Clones share the loaded module (ComfyUI's
 clones share ``self.model``); each clone carries its own LoRA stack (our FLUX.2 LoRA Loader's, then
 ComfyUI's LoRA patches converted by ``native_lora``), applied beside the layers when it runs, so a
@@ -58,8 +58,9 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
 
     # ------------------------------------------------------------------ what is where
     def _streamer(self):
-        s = self.flux2_holder.streamer
-        return s if s is not None and s.attached else None
+        """The holder's streamer while it pages blocks (a model placed whole is not "streamed")."""
+        h = self.flux2_holder
+        return h.streamer if h.streams else None
 
     def loaded_size(self) -> int:
         """Bytes of weights (and LoRA factors) on the compute device now."""
@@ -115,7 +116,8 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
 
     # ------------------------------------------------------------------ placement
     def _release(self) -> None:
-        """All weights back on the offload device (streamer detached, its pinned memory freed)."""
+        """All weights back on the offload device (the holder's offload: GPU copies dropped, pinned
+        host copies kept; a streamer on a CPU compute device is detached and dropped)."""
         h = self.flux2_holder
         if h.on_gpu:
             h.offload()
@@ -151,8 +153,7 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
                 return
             self._release()
             log.info("Flux2Local: loading %s fully onto %s (ComfyUI's memory manager)", h.label, device)
-            h.module.to(device)
-            h.device = device
+            h.place_resident(device)  # from page-locked copies; unloading copies nothing back
             return
         s = self._streamer()
         if s is not None and memory.same_device(s.device, device):
@@ -171,16 +172,8 @@ class Flux2LocalModelPatcher(comfy.model_patcher.ModelPatcher):
         self._attach(device, budget)
 
     def _attach(self, device: torch.device, budget: int) -> None:
-        from ..weight_streaming import StreamingConfig, WeightStreamer
-
         h = self.flux2_holder
-        pinned = h.streaming.pinned_ram_gb if h.streaming is not None else 0
-        config = StreamingConfig.from_name(
-            "auto", vram_budget=int(budget), pinned_cap=int(pinned * GIB) if pinned > 0 else None
-        )
-        h.streamer = WeightStreamer(h.module, config, device)
-        h.streamer.attach()
-        h.device = device
+        h.place_streamed(device, int(budget))  # the holder's kept streamer: its pinned copies reused
         log.info(
             "Flux2Local: streaming %s within ComfyUI's %.2f GiB: %s",
             h.label,

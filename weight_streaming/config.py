@@ -54,6 +54,11 @@ class StreamingConfig:
         max_oom_retries: how often a device out-of-memory while attaching lowers the budget and retries.
         oom_shrink: factor applied to the budget on each such retry.
         pin_threads: threads that page-lock and fill streamed blocks at attach; None is up to 8.
+        pin_resident: also keep page-locked host copies of the weights placed on the device whole
+            (resident blocks, non-block parameters) when pinning is on, as far as the limits allow
+            after the streamed blocks: placing them is then one DMA copy per block, and a detach
+            (keep_pinned=True) keeps them for the next attach. Their parameters point into these
+            copies between attaches, so the host never holds the weights twice.
     """
 
     vram_budget: int | Literal["auto"] = "auto"
@@ -72,6 +77,7 @@ class StreamingConfig:
     max_oom_retries: int = 4
     oom_shrink: float = 0.85
     pin_threads: int | None = None
+    pin_resident: bool = False
 
     def __post_init__(self) -> None:
         if self.vram_budget != "auto" and (not isinstance(self.vram_budget, int) or self.vram_budget < 0):

@@ -65,16 +65,22 @@ class BlockLayout:
 
     @classmethod
     def of(cls, module: nn.Module, prefix: str) -> BlockLayout:
+        # remove_duplicate keeps tied parameters once: they share one place in the buffer.
+        named = [(f"{prefix}.{local}", p) for local, p in module.named_parameters(remove_duplicate=True)]
+        return cls.of_params(module, prefix, named)
+
+    @classmethod
+    def of_params(cls, module: nn.Module, prefix: str, named: list[tuple[str, nn.Parameter]]) -> BlockLayout:
+        """A layout of the given (full name, parameter) pairs, e.g. a model's non-block parameters."""
         layout = cls(prefix, module)
         seen: set[int] = set()
         offset = 0
-        # remove_duplicate keeps tied parameters once: they share one place in the buffer.
-        for local, p in module.named_parameters(remove_duplicate=True):
+        for name, p in named:
             if id(p) in seen:
                 continue
             seen.add(id(p))
             nbytes = p.numel() * p.element_size()
-            layout.params.append(ParamSlot(f"{prefix}.{local}", p, offset, nbytes, p.shape, p.dtype))
+            layout.params.append(ParamSlot(name, p, offset, nbytes, p.shape, p.dtype))
             offset = _align(offset + nbytes)
         layout.nbytes = offset
         return layout
@@ -214,10 +220,17 @@ class InPlaceHost(BlockHost):
 
 
 def set_param_data(p: nn.Parameter, data: torch.Tensor) -> None:
-    """Point a parameter at new data; a meta parameter is swapped in place (.data cannot leave meta)."""
-    if p.device.type == "meta" and data.device.type != "meta":
-        torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
-    elif p.device.type != "meta" and data.device.type == "meta":
+    """Point a parameter at new data; swapped in place where ``.data =`` cannot do it.
+
+    ``.data`` cannot leave or enter the meta device. And a parameter made under inference mode (ComfyUI
+    runs nodes, and so loaders, under it) has no version counter: after ``.data = normal_tensor`` it
+    no longer reads as an inference tensor but still has none, and the next matmul on it fails with
+    "Inference tensors do not track version counter". Swapping in a fresh Parameter gives it one.
+    """
+    swap = (p.device.type == "meta") != (data.device.type == "meta") or (
+        p.is_inference() and not data.is_inference()
+    )
+    if swap:
         torch.utils.swap_tensors(p, nn.Parameter(data, requires_grad=p.requires_grad))
     else:
         p.data = data

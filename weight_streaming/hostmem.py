@@ -161,6 +161,92 @@ def alloc_host(nbytes: int) -> torch.Tensor:
     return whole[start : start + nbytes]
 
 
+# --------------------------------------------------------------------------- mapped-file pages
+# Linux 5.4+ madvise advice: reclaim these pages now. Clean pages of a file mapping are dropped from
+# the process (read from the file again if touched); nothing is ever lost (Python's mmap lacks it).
+MADV_PAGEOUT = 21
+_PAGE = mmap.PAGESIZE
+_MIN_PAGE_OUT = 1 << 20  # smaller tensors are not worth a system call
+
+
+def mapped_file_ranges() -> list[tuple[int, int]]:
+    """(start, end) addresses of this process's mappings of regular files, sorted; [] off Linux.
+
+    Read once per attach: a weight still viewing one of them after its bytes were copied into a
+    page-locked buffer gives its pages back (`page_out_file_views`).
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or parts[4] == "0":
+                    continue
+                path = parts[5].strip()
+                if not path.startswith("/") or path.startswith("/dev/") or path.endswith("(deleted)"):
+                    continue
+                lo, hi = parts[0].split("-")
+                ranges.append((int(lo, 16), int(hi, 16)))
+    except OSError:
+        return []
+    ranges.sort()
+    return ranges
+
+
+def _libc_madvise():
+    import ctypes
+
+    fn = ctypes.CDLL(None, use_errno=True).madvise
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
+
+
+_MADVISE: list = []
+
+
+def page_out_file_views(tensors: list[torch.Tensor], ranges: list[tuple[int, int]]) -> int:
+    """Give back the pages of ``tensors`` that lie in a mapped file (after their bytes were copied
+    elsewhere), so the process does not count the weights twice (page-locked copy + file pages).
+
+    Adjacent tensors (a block's, stored back to back) are merged and advised together: the kernel
+    keeps file pages in large folios (up to 2 MiB) that it only reclaims when a whole folio is
+    advised, so only the folios at the ends of a range may stay. Only whole pages inside one of
+    ``ranges`` (`mapped_file_ranges`) are advised, never page-locked or anonymous memory. A hint:
+    other views of the same pages read them from the file again.
+
+    Returns:
+        Bytes advised.
+    """
+    if not ranges:
+        return 0
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size())
+        for t in tensors
+        if t.device.type == "cpu" and t.numel()
+    )
+    merged: list[list[int]] = []
+    for lo, hi in spans:
+        if merged and lo <= merged[-1][1] + _PAGE:  # back to back (alignment padding between them)
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    advised = 0
+    for start, end in merged:
+        # Clipped to the file mapping it lies in; whole pages only.
+        inside = [(max(start, a), min(end, b)) for a, b in ranges if a < end and start < b]
+        for a, b in inside:
+            lo, hi = (a + _PAGE - 1) // _PAGE * _PAGE, b // _PAGE * _PAGE
+            if hi - lo < _MIN_PAGE_OUT:
+                continue
+            if not _MADVISE:
+                _MADVISE.append(_libc_madvise())
+            if _MADVISE[0](lo, hi - lo, MADV_PAGEOUT) == 0:
+                advised += hi - lo
+    return advised
+
+
 # ------------------------------------------------------------------------------------ the ledger
 class Reclaimable(Protocol):
     """A detached streamer holding pinned buffers it can give back."""
@@ -215,11 +301,18 @@ class PinnedLedger:
         with self._lock:
             return max(0, self.limit() - self.used - self.external())
 
-    def try_reserve(self, nbytes: int, exclude: object = None) -> bool:
-        """Reserve `nbytes` of page-locked memory; False if the limit does not allow it."""
+    def try_reserve(self, nbytes: int, exclude: object = None, keep_free: int = 0) -> bool:
+        """Reserve `nbytes` of page-locked memory; False if the limit does not allow it.
+
+        Args:
+            nbytes: bytes to reserve.
+            exclude: a streamer whose idle buffers must not be taken back (the one asking).
+            keep_free: bytes that must stay available after this reservation (e.g. for the
+                streamed blocks of the same attach, which need page-locked memory more).
+        """
         while True:
             with self._lock:
-                if self.used + self.external() + nbytes <= self.limit():
+                if self.used + self.external() + nbytes + keep_free <= self.limit():
                     self.used += nbytes
                     return True
                 victims = [r() for r in self._idle.values()]

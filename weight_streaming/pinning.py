@@ -127,6 +127,7 @@ class _PinWork:
             if self.source is not None and all_meta:
                 return None
         originals = [s.param.data for s in lay.params] if all_meta else None
+        old = [s.param.data for s in lay.params]
         try:
             views = fill_block(lay, data, self.source)
         except BaseException:
@@ -134,6 +135,9 @@ class _PinWork:
                 hostmem.unregister(data)
                 hostmem.LEDGER.release(n)
             raise
+        # The block's weights viewed a memory-mapped file: its pages go now that the bytes are here,
+        # so the model is not held twice while the rest is filled.
+        hostmem.page_out_file_views(old, self.shared["files"])
         return HostBuffer(data, pinned, views, originals)
 
 
@@ -171,7 +175,7 @@ def fill_host(
     hosts: list[BlockHost | None] = [None] * len(layouts)
     work: dict[int, _PinWork] = {}
     sourced: list[int] = []
-    shared = {"failed": False, "lock": threading.Lock()}
+    shared = {"failed": False, "lock": threading.Lock(), "files": []}
     mine = copied = 0
     reused: set[int] = set()
     for lay in layouts:  # before any reservation, so an error leaves nothing reserved
@@ -214,6 +218,7 @@ def fill_host(
             hosts[j] = HostBuffer(data, False, fill_block(lay, data, None))
     stage = "reading" if source is not None else "pinning"
     serial = source is not None and not getattr(source, "thread_safe", False)
+    shared["files"] = hostmem.mapped_file_ranges() if work else []
     _run_work(work, hosts, sourced, 1 if serial else threads, reporter, stage)
     stats.pin_failed = shared["failed"]
     stager = None

@@ -33,6 +33,7 @@ from .ring import DeviceOps, Ring
 from .scheduler import Scheduler
 from .staging import Stager
 from .telemetry import EventLog, Telemetry
+from .whole import pin_for_plan, put_back
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class WeightStreamer:
         self._log: EventLog | None = None
         self._stager: Stager | None = None
         self._fill = FillStats()
+        # Page-locked host copies of the weights placed whole (pin_resident), by layout prefix.
+        self._whole: dict[str, HostBuffer] = {}
+        self._whole_fill = FillStats()
+        self._fixed_layout: BlockLayout | None = None
         self._step = 0
         self._oom_retries = 0
         self._attach_s = 0.0
@@ -132,14 +137,23 @@ class WeightStreamer:
             try:
                 return self._attach(progress or self.progress)
             except BaseException:
+                self._keep_whole()
                 if self._kept:
                     hostmem.LEDGER.add_idle(self)
                 raise
 
+    def _keep_whole(self) -> None:
+        """A failed attach keeps the page-locked copies of whole-placed weights for the next one (the
+        parameters point into them)."""
+        for prefix, buf in self._whole.items():
+            self._kept.setdefault(prefix, buf)
+        self._whole = {}
+
     def _attach(self, progress) -> Plan:
         t0 = time.perf_counter()
         cfg = self.config
-        named = find_blocks(self.model, self.block_paths)
+        # blocks=() streams nothing: every weight is placed whole (e.g. a VAE kept resident).
+        named = [] if self.block_paths == () else find_blocks(self.model, self.block_paths)
         self._layouts = [BlockLayout.of(block, name) for name, block in named]
         in_blocks = {id(s.param) for lay in self._layouts for s in lay.params}
         fixed = [(n, p) for n, p in self.model.named_parameters() if id(p) not in in_blocks]
@@ -174,10 +188,21 @@ class WeightStreamer:
             for i, lay in enumerate(self._layouts)
             if lay.prefix in self._kept and lay.points_into(self._kept[lay.prefix].data)
         }
+        pin = cfg.pin_memory if cfg.pin_memory is not None else self.device.type == "cuda"
+        plan = plan_residency(sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing)
+        reporter = None
+        if pin and cfg.pin_resident:
+            reporter, self._fixed_layout, self._whole, self._whole_fill = pin_for_plan(
+                self.model, self._layouts, plan, fixed, self._kept, reusable, cfg, self.source, progress, self
+            )
         for attempt in range(cfg.max_oom_retries + 1):
-            plan = plan_residency(sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing)
+            if attempt:
+                plan = plan_residency(
+                    sizes, budget, fixed_bytes=fixed_bytes, ring_slots=cfg.slots, timing=timing
+                )
             to_pin = sum(sizes[i] for i in plan.streamed_indices if i not in reusable)
-            reporter = Reporter(progress, fixed_bytes + plan.resident_bytes + to_pin)
+            if attempt or reporter is None:
+                reporter = Reporter(progress, fixed_bytes + plan.resident_bytes + to_pin)
             try:
                 self._place(plan, fixed, reporter)
                 break
@@ -202,14 +227,18 @@ class WeightStreamer:
                 self._oom_retries += 1
             except BaseException:  # e.g. the progress callback cancelled
                 self._unplace()
+                self._keep_whole()
                 self._reset_state()
                 raise
         self.plan = plan
         self._streamed = plan.streamed_indices
         streamed = {self._layouts[i].prefix for i in self._streamed}
+        for prefix in [p for p in self._whole if p in streamed]:
+            self._kept[prefix] = self._whole.pop(prefix)  # streamed after an out-of-memory retry
         for prefix in [p for p in self._kept if p not in streamed]:
             self._drop_kept(prefix)  # the block is resident now (or gone): no page lock needed
-        pin = cfg.pin_memory if cfg.pin_memory is not None else self.device.type == "cuda"
+        whole_pinned = sum(b.nbytes for b in self._whole.values())
+        cap = cfg.pinned_cap if cfg.pinned_cap is None else max(0, cfg.pinned_cap - whole_pinned)
         try:
             self._host, self._stager, self._fill = fill_host(
                 [self._layouts[i] for i in self._streamed],
@@ -217,7 +246,7 @@ class WeightStreamer:
                 kept=self._kept,
                 source=self.source,
                 pin=pin,
-                cap=cfg.pinned_cap,
+                cap=cap,
                 threads=cfg.pin_threads or default_pin_threads(),
                 reporter=reporter,
                 owner=self,
@@ -226,6 +255,7 @@ class WeightStreamer:
             # e.g. a source that cannot read a tensor, or a cancel: take the weights off the device
             # again. Buffers already filled unpin themselves when dropped; their parameters keep the bytes.
             self._unplace()
+            self._keep_whole()
             self._reset_state()
             raise
         self._kept.clear()
@@ -240,14 +270,17 @@ class WeightStreamer:
             self.scheduler.prime()
         reporter.emit("done")
         self._attach_s = time.perf_counter() - t0
-        f = self._fill
+        f, w = self._fill, self._whole_fill
         logger.info(
-            "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB), %d streamed (%.2f GiB: "
+            "weight streaming attached in %.1f s: %d blocks resident (%.2f GiB; %.2f GiB placed from "
+            "page-locked copies, %.2f GiB of them kept from before), %d streamed (%.2f GiB: "
             "%.2f GiB newly pinned at %.1f GB/s, %.2f GiB kept pinned from before, %.2f GiB pageable, "
             "%.2f GiB read from the file each step), ring %d x %.2f GiB",
             self._attach_s,
             len(plan.resident_indices),
             plan.resident_bytes / GiB,
+            (w.pinned + w.reused) / GiB,
+            w.reused / GiB,
             len(self._streamed),
             plan.streamed_bytes / GiB,
             f.pinned / GiB,
@@ -259,6 +292,13 @@ class WeightStreamer:
             plan.ring_slot_bytes / GiB,
         )
         return plan
+
+    def _place_whole(self, layout: BlockLayout, buf: HostBuffer) -> None:
+        """One copy of a page-locked block onto the device; its parameters become views of it."""
+        moved = _to_device(buf.data, self.device)
+        for s, view in zip(layout.params, layout.views(moved)):
+            self._placed.append((s.param, "data", s.param.data))
+            set_param_data(s.param, view)
 
     def _drop_kept(self, prefix: str) -> None:
         """Unpin a kept buffer whose block is no longer streamed; the undo log keeps its bytes (or, for
@@ -292,8 +332,12 @@ class WeightStreamer:
     def _place(self, plan: Plan, fixed: list[tuple[str, nn.Parameter]], reporter: Reporter) -> None:
         # On a CPU device .to() returns the same tensor: no copy, but the same bookkeeping.
         done = 0
-        for name, p in fixed:
-            self._move(p, "data", p.data, name)
+        whole = self._fixed_layout and self._whole.get(self._fixed_layout.prefix)
+        if whole:
+            self._place_whole(self._fixed_layout, whole)
+        else:
+            for name, p in fixed:
+                self._move(p, "data", p.data, name)
         for mod_name, mod in self.model.named_modules():
             for bname, b in list(mod._buffers.items()):
                 if b is not None:
@@ -302,9 +346,14 @@ class WeightStreamer:
         done += sum(p.numel() * p.element_size() for _, p in fixed)
         reporter.add("placing", done)
         for idx in plan.resident_indices:
-            for s in self._layouts[idx].params:
-                self._move(s.param, "data", s.param.data, s.name)
-            reporter.add("placing", self._layouts[idx].nbytes)
+            lay = self._layouts[idx]
+            whole = self._whole.get(lay.prefix)
+            if whole is not None:
+                self._place_whole(lay, whole)
+            else:
+                for s in lay.params:
+                    self._move(s.param, "data", s.param.data, s.name)
+            reporter.add("placing", lay.nbytes)
         if plan.ring_slots:
             self._ring = Ring(
                 self._ops, [_empty_device(plan.ring_slot_bytes, self.device) for _ in range(plan.ring_slots)]
@@ -367,7 +416,8 @@ class WeightStreamer:
                     for s, t in zip(lay.params, host.originals):
                         set_param_data(s.param, t)
                 host.release()
-            self._unplace()
+            self._unplace()  # weights point at their host memory again: nothing is copied back
+            put_back(self._whole, self._kept, keep_pinned)
             self.attached = False
             self._reset_state()
             if self._kept:
@@ -484,6 +534,8 @@ class WeightStreamer:
         t.pinned_bytes = f.pinned + f.reused + (self._stager.pinned_bytes if self._stager else 0)
         t.pageable_bytes, t.sourced_bytes, t.staging_bytes = f.pageable, f.sourced, f.staging
         t.reused_pinned_bytes, t.pin_seconds, t.pin_rate = f.reused, f.seconds, f.pin_rate
+        w = self._whole_fill
+        t.resident_pinned_bytes, t.resident_reused_pinned_bytes = w.pinned + w.reused, w.reused
         t.resident_blocks, t.streamed_blocks = len(plan.resident_indices), len(self._streamed)
         t.budget = plan.budget
         log = self._log

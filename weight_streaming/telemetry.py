@@ -22,6 +22,9 @@ class Telemetry:
         staging_bytes: host staging buffers for those reads.
         reused_pinned_bytes: pinned bytes reused from the last detach(keep_pinned=True) (no re-pin).
         kept_pinned_bytes: while detached, page-locked bytes kept for the next attach.
+        resident_pinned_bytes: page-locked host copies of the weights placed whole (resident blocks
+            and non-block parameters, `StreamingConfig.pin_resident`) at the last attach.
+        resident_reused_pinned_bytes: the part of those kept from the last detach (nothing copied).
         pin_seconds: time the last attach spent filling the streamed blocks' host side.
         pin_rate: bytes newly page-locked and filled per second at the last attach.
         resident_blocks, streamed_blocks: block counts.
@@ -45,6 +48,8 @@ class Telemetry:
     staging_bytes: int = 0
     reused_pinned_bytes: int = 0
     kept_pinned_bytes: int = 0
+    resident_pinned_bytes: int = 0
+    resident_reused_pinned_bytes: int = 0
     pin_seconds: float = 0.0
     pin_rate: float = 0.0
     resident_blocks: int = 0

@@ -19,6 +19,7 @@ TTI_WHEELS="aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 frozenlist=
   propcache==0.5.4 yarl==1.25.1 attrs==26.1.0 alembic==1.20.1 SQLAlchemy==2.1.9 Mako==1.4.3 MarkupSafe==3.0.4
   greenlet av==18.1.0 torchsde==0.2.6 trampoline==0.1.2 einops==0.8.2 comfy-aimdo==0.6.0 spandrel==0.4.2
   kornia==0.9.0 kornia_rs==0.2.0 sentencepiece==0.2.3 pydantic-settings==2.16.3 python-dotenv==1.2.4
+  pydantic==2.12.5 pydantic_core==2.41.5 annotated-types==0.7.0 typing-inspection==0.4.2
   gguf==0.19.0 ${TTI_EXTRA:-}"
 rm -rf .device_out/tti_carry && mkdir -p .device_out/tti_carry/all
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

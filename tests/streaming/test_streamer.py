@@ -123,6 +123,39 @@ def test_inference_mode_forward(tiny_pair, inputs):
         assert torch.equal(model(*inputs()), ref(*inputs()))
 
 
+@pytest.mark.parametrize("keep_pinned", [False, True])
+def test_a_model_loaded_under_inference_mode_streams_detaches_and_runs_again(
+    tiny_pair, inputs, fake_pins, keep_pinned
+):
+    """ComfyUI runs loaders under inference mode, so the parameters are inference tensors; the
+    streamer points them at its own (ordinary) buffers and back, and every forward afterwards, in or
+    out of inference mode, still runs (pointing such a parameter with ``.data =`` leaves it without
+    a version counter: "Inference tensors do not track version counter")."""
+    _, ref = tiny_pair()
+    with torch.inference_mode():
+        model, _ = tiny_pair()
+    assert all(p.is_inference() for p in model.parameters())
+    x = inputs()
+    with torch.no_grad():
+        want = ref(*x)
+    cfg = StreamingConfig(vram_budget=0, pin_memory=True)
+    ws = WeightStreamer(model, cfg, "cpu")
+    for _ in range(2):  # the second attach reuses kept buffers when keep_pinned
+        ws.attach()
+        with torch.inference_mode():
+            assert torch.equal(model(*x), want)
+        ws.detach(keep_pinned=keep_pinned)
+        with torch.inference_mode():
+            assert torch.equal(model(*x), want)
+        with torch.no_grad():
+            assert torch.equal(model(*x), want)
+    ws.release_pinned()
+    with torch.inference_mode():
+        assert torch.equal(model(*x), want)
+    with torch.no_grad():
+        assert torch.equal(model(*x), want)
+
+
 def test_detach_restores_a_plain_model(tiny_pair, inputs):
     model, ref = tiny_pair()
     ws = WeightStreamer(model, StreamingConfig(vram_budget=_budget_for(model, 4)), "cpu")

@@ -94,6 +94,9 @@ def _wrap_attach() -> bool:
                 streamed_bytes=t.streamed_bytes,
                 pinned_bytes=t.pinned_bytes,
                 reused_pinned_bytes=t.reused_pinned_bytes,
+                # Models placed whole go through the streamer too: their page-locked host copies.
+                resident_pinned_bytes=t.resident_pinned_bytes,
+                resident_reused_pinned_bytes=t.resident_reused_pinned_bytes,
                 pageable_bytes=t.pageable_bytes,
                 sourced_bytes=t.sourced_bytes,
                 pin_seconds=t.pin_seconds,
