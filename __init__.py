@@ -12,7 +12,10 @@ except ImportError:
 else:
     _IN_COMFYUI = True
 
+# The editor extension (web/flux2local.js): advanced settings, "auto" labels, the detected model.
+WEB_DIRECTORY = "./web"
+
 if _IN_COMFYUI:
     from .nodes import comfy_entrypoint  # noqa: F401
 
-    __all__ = ["comfy_entrypoint"]
+    __all__ = ["comfy_entrypoint", "WEB_DIRECTORY"]

@@ -23,6 +23,7 @@ from .sampling import (
     flux2_sigmas,
     generate,
     latent_shape,
+    nearest_valid_size,
     plan_sampling,
     prepare_reference_latents,
     reference_token_count,
@@ -58,6 +59,7 @@ __all__ = [
     "load_vae",
     "prepare_reference_latents",
     "sample_latents",
+    "nearest_valid_size",
     "schedule_sigmas",
     "validate_size",
     # LoRAs

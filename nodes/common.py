@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -11,6 +12,7 @@ from contextlib import contextmanager
 
 import folder_paths
 import torch
+from comfy_api.latest import io
 
 from ..flux2_core.checkpoint import FileSet, path_identity, track_files
 from ..flux2_core.errors import CheckpointError, Flux2Error, InputError
@@ -23,6 +25,26 @@ USER_ERRORS = (Flux2Error, StreamingError)
 log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _takes(name: str) -> bool:
+    return name in inspect.signature(io.Int.Input.__init__).parameters
+
+
+# Expert settings are V3 "advanced" inputs: the editor hides them until "Show Advanced" (the pack's
+# web extension wires that up where the frontend does not yet). ComfyUI 0.3.64's V3 inputs have no
+# such argument; there they are ordinary widgets.
+ADVANCED = {"advanced": True} if _takes("advanced") else {}
+
+
+def auto_zero(kind: str) -> dict:
+    """Input options for a number widget whose 0 means "auto"; the editor then shows "auto".
+
+    Args:
+        kind: what auto picks, for the editor's label once the model is known: "steps" (the variant's
+            default steps), "guidance" (its default scale) or "memory" (chosen when the model loads).
+    """
+    return {"extra_dict": {"flux2local_auto": kind}} if _takes("extra_dict") else {}
 
 
 class Flux2LocalError(Exception):

@@ -9,7 +9,7 @@ from comfy_api.latest import io
 
 from ..flux2_core.sampling import MAX_REFERENCES
 from . import memory
-from .common import expect, image_batch, user_errors
+from .common import ADVANCED, expect, image_batch, user_errors
 from .holders import ModuleHolder, TextEncoderHolder
 from .native_cond import to_native
 from .progress import block_progress
@@ -79,7 +79,9 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                 io.Boolean.Input(
                     "upsample_prompt",
                     default=False,
-                    tooltip="Let the text encoder (a VLM) rewrite the prompt into a more detailed one before encoding.",
+                    tooltip="Let the text encoder (a VLM) rewrite the prompt into a more detailed one before encoding. "
+                    "Needs an encoder that can write text: for [dev], Mistral Small 3.x from its Hugging Face "
+                    "text_encoder/ folder (ComfyUI's Mistral files leave the output head out; the node says so).",
                 ),
                 io.Int.Input(
                     "upsample_seed",
@@ -87,6 +89,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                     min=0,
                     max=0xFFFFFFFF,
                     tooltip="Seed of the prompt rewriting (only used when upsample_prompt is on).",
+                    **ADVANCED,
                 ),
                 io.Int.Input(
                     "upsample_max_tokens",
@@ -94,6 +97,7 @@ class Flux2LocalEncodePrompt(io.ComfyNode):
                     min=8,
                     max=2048,
                     tooltip="Most tokens the rewritten prompt may have (only used when upsample_prompt is on).",
+                    **ADVANCED,
                 ),
                 io.Image.Input(
                     "upsample_images",

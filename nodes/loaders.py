@@ -13,7 +13,9 @@ from comfy_api.latest import io
 
 from . import memory
 from .common import (
+    ADVANCED,
     DTYPES,
+    auto_zero,
     fingerprint,
     loading,
     model_choices,
@@ -57,19 +59,71 @@ def _loading_with_progress(path: str) -> Iterator:
     progress.finish()
 
 
-def _describe_model(model, path: str) -> str:
+# How the node names what it detected (the variant rules themselves live in flux2_core).
+_VARIANT_TITLES = {
+    "dev": "[dev]",
+    "klein-4b": "[klein] 4B",
+    "klein-9b": "[klein] 9B",
+    "klein-base-4b": "[klein] base 4B",
+    "klein-base-9b": "[klein] base 9B",
+    "klein-9b-kv": "[klein] 9B-KV",
+}
+_FORMAT_TITLES = {
+    "bfl": "BFL safetensors",
+    "comfyui": "ComfyUI safetensors",
+    "diffusers": "diffusers folder",
+    "bfl-fp8": "BFL FP8 safetensors",
+    "comfy-fp8": "ComfyUI FP8 safetensors",
+    "nvfp4": "NVFP4 safetensors",
+    "gguf": "GGUF",
+}
+_GUIDANCE_TITLES = {
+    "embedded": "embedded guidance {scale:g}, {steps} steps",
+    "cfg": "CFG {scale:g} with the negative prompt, {steps} steps",
+    "none": "distilled: {steps} steps, no guidance",
+}
+
+
+def _variant_title(cfg) -> str:
+    """ "[klein] 4B" etc.; a file of no published size (e.g. a test model) says which kind it is."""
+    if cfg.variant in _VARIANT_TITLES:
+        return _VARIANT_TITLES[cfg.variant]
+    kind = "[dev]" if cfg.guidance_embed else "[klein]" if cfg.distilled else "[klein] base"
+    return f"{kind}-type model of no published size"
+
+
+def _describe_model(model, path: str) -> tuple[str, dict]:
+    """What the loader found: a few lines for the node and the log, and the editor's facts.
+
+    Returns:
+        (text, facts): ``facts`` tells the pack's web extension what "auto" means for this model
+        (default steps and guidance, and which kind of guidance the sampler's widget sets).
+    """
     from ..flux2_core.quant import format_quant_summary
+    from ..flux2_core.sampling import plan_guidance
 
     cfg = model.config
-    size = module_bytes(model) / GIB
+    plan = plan_guidance(cfg, None)
     fmt = getattr(model, "checkpoint_format", "?")
     mix = format_quant_summary(getattr(model, "quant_summary", None) or {})
-    return (
-        f"FLUX.2 {cfg.variant}: {cfg.depth} double + {cfg.depth_single} single blocks, hidden "
-        f"{cfg.hidden_size}, text width {cfg.context_dim}; format {fmt}"
-        + (f" ({mix})" if mix else "")
-        + f"; {size:.2f} GiB in memory; file {path}"
-    )
+    title = _variant_title(cfg)
+    lines = [
+        f"FLUX.2 {title}: "
+        + _GUIDANCE_TITLES[plan.mode].format(scale=plan.scale or 0.0, steps=plan.default_steps),
+        " · ".join(
+            x for x in (_FORMAT_TITLES.get(fmt, fmt), mix, f"{module_bytes(model) / GIB:.2f} GiB") if x
+        ),
+        f"{cfg.depth} double + {cfg.depth_single} single blocks, hidden {cfg.hidden_size}, "
+        f"text width {cfg.context_dim}",
+    ]
+    facts = {
+        "variant": cfg.variant,
+        "title": title,
+        "guidance": plan.mode,
+        "default_steps": plan.default_steps,
+        "default_guidance": plan.scale,
+    }
+    return "\n".join(lines), facts
 
 
 class Flux2LocalModelLoader(io.ComfyNode):
@@ -79,29 +133,34 @@ class Flux2LocalModelLoader(io.ComfyNode):
             node_id="Flux2LocalModelLoader",
             display_name="FLUX.2 Model Loader",
             category=CATEGORY,
-            description="Loads a FLUX.2 transformer ([dev], [klein] 4B/9B, base, 9B-KV) with weight streaming for small cards.",
+            description="Loads a FLUX.2 transformer ([dev], [klein] 4B/9B, base, 9B-KV) with weight streaming for "
+            "small cards. After a run the node shows what it found: variant, format, size, storage types.",
             inputs=[
                 io.Combo.Input(
                     "model_name",
                     options=model_choices("diffusion_models"),
                     tooltip="Transformer file (.safetensors, .gguf) or diffusers folder in models/diffusion_models "
-                    "or models/unet. The variant is read from the weights; the file name only tells "
-                    "distilled/base/KV apart. GGUF (Q8_0 ... Q2_K) and NVFP4 weights stay in their stored bytes.",
+                    "or models/unet; the variant is read from the weights. On a 12 GB card: any [klein] 4B file "
+                    "fits; [klein] 9B and [dev] run from FP8 or GGUF files (e.g. flux2_dev_fp8mixed, "
+                    "flux2-dev-Q4_K_M.gguf) with the blocks that do not fit streamed from system RAM.",
                 ),
                 io.Combo.Input(
                     "dtype",
                     options=list(DTYPES),
                     default="bf16",
-                    tooltip="Compute dtype. bf16 is what FLUX.2 was trained in; fp32 only for debugging on CPU.",
+                    tooltip="Compute dtype. Keep bf16 (what FLUX.2 was trained in) on RTX 30xx and newer; fp16 "
+                    "only on older cards without bf16; fp32 only for debugging on the CPU.",
+                    **ADVANCED,
                 ),
                 io.Boolean.Input(
                     "keep_fp8",
                     default=True,
-                    tooltip="For FP8 checkpoints: keep the block weights in FP8 (half the memory and half the bytes "
-                    "streamed). Cards with FP8 tensor cores (RTX 40xx and newer) run FP8 matmuls where the file has "
-                    "activation scales (BFL fp8 files); otherwise "
-                    "dequantise per layer. Off converts the weights to the compute dtype on load. GGUF and "
-                    "NVFP4 files always keep their stored bytes.",
+                    tooltip="Leave on. FP8 files keep their block weights in FP8: half the memory and half the "
+                    "bytes streamed, which is what lets [dev] run on 12 GB. RTX 40xx and newer run FP8 matmuls "
+                    "where the file has activation scales; older cards convert each layer just before use. "
+                    "Off converts the weights to the compute dtype on load. GGUF and NVFP4 files always keep "
+                    "their stored bytes.",
+                    **ADVANCED,
                 ),
                 io.Float.Input(
                     "vram_budget_gb",
@@ -109,9 +168,12 @@ class Flux2LocalModelLoader(io.ComfyNode):
                     min=0.0,
                     max=1024.0,
                     step=0.5,
-                    tooltip="GPU memory for resident transformer weights, in GB. 0 = auto: what is free after "
-                    "ComfyUI unloads other models, minus its inference reserve (--reserve-vram). Blocks that "
-                    "do not fit are streamed from pinned RAM.",
+                    tooltip="GPU memory for resident transformer weights, in GB; auto (0, recommended) takes "
+                    "what is free after ComfyUI unloads other models, minus its reserve (--reserve-vram). "
+                    "Blocks that do not fit are streamed from pinned RAM. On a 12 GB card leave it on auto; "
+                    "set a number (e.g. 6) only to leave VRAM to other programs.",
+                    **ADVANCED,
+                    **auto_zero("memory"),
                 ),
                 io.Float.Input(
                     "pinned_ram_gb",
@@ -119,7 +181,12 @@ class Flux2LocalModelLoader(io.ComfyNode):
                     min=0.0,
                     max=4096.0,
                     step=1.0,
-                    tooltip="Cap on pinned (page-locked) system RAM used for streamed blocks, in GB. 0 = auto.",
+                    tooltip="Cap on pinned (page-locked) system RAM for streamed blocks, in GB; auto (0) uses "
+                    "ComfyUI's limit. Pinned RAM cannot be swapped out: with 32 GB of RAM and [dev], a cap "
+                    "such as 16 keeps the rest of the system responsive; blocks past it stream from "
+                    "ordinary memory, more slowly.",
+                    **ADVANCED,
+                    **auto_zero("memory"),
                 ),
             ],
             outputs=[
@@ -128,8 +195,8 @@ class Flux2LocalModelLoader(io.ComfyNode):
                 ),
                 io.String.Output(
                     display_name="info",
-                    tooltip="What was detected: variant, checkpoint format with its storage mix "
-                    "(e.g. Q4_K 61%, Q6_K 30%, F32 9%), size in memory.",
+                    tooltip="What was detected (also shown on the node after a run): variant, checkpoint "
+                    "format with its storage mix (e.g. Q4_K 61%, Q6_K 30%, F32 9%), size in memory.",
                 ),
             ],
         )
@@ -157,9 +224,12 @@ class Flux2LocalModelLoader(io.ComfyNode):
             source=path,
             files=files,
         )
-        info = _describe_model(model, path)
-        log.info("Flux2Local: %s", info)
-        return io.NodeOutput(holder, info)
+        text, facts = _describe_model(model, path)
+        log.info("Flux2Local: %s; file %s", text.replace("\n", "; "), path)
+        # The editor shows "text" on the node (the pack's web extension) and uses the facts for
+        # the labels of connected samplers; both are also in /history for API clients.
+        ui = {"text": [text], "flux2local_model": [facts]}
+        return io.NodeOutput(holder, f"{text}\nfile: {path}", ui=ui)
 
 
 class Flux2LocalTextEncoderLoader(io.ComfyNode):
@@ -175,20 +245,25 @@ class Flux2LocalTextEncoderLoader(io.ComfyNode):
                     "text_encoder_name",
                     options=model_choices("text_encoders"),
                     tooltip="Text-encoder file (.safetensors, or a llama.cpp .gguf of Qwen3 / Mistral Small 3.x) "
-                    "or Hugging Face text_encoder/ folder in models/text_encoders.",
+                    "or Hugging Face text_encoder/ folder in models/text_encoders: Mistral Small 3.x for [dev], "
+                    "Qwen3 4B for [klein] 4B, Qwen3 8B for [klein] 9B. On a 12 GB card any of them works (the "
+                    "layers are streamed); the fp8 files halve the RAM they need.",
                 ),
                 io.Combo.Input(
                     "tokenizer",
                     options=tokenizer_choices(),
                     default="auto",
-                    tooltip="Tokenizer folder in models/text_encoders; auto = the one next to the weights, "
-                    "else the bundled tokenizer for the detected encoder.",
+                    tooltip="Leave on auto: the tokenizer next to the weights (Hugging Face folders, GGUF files), "
+                    "else the one bundled for the detected encoder. The other choices are tokenizer folders "
+                    "found in models/text_encoders, for files that come without one.",
+                    **ADVANCED,
                 ),
                 io.Combo.Input(
                     "dtype",
                     options=list(DTYPES),
                     default="bf16",
-                    tooltip="Compute dtype of the text encoder.",
+                    tooltip="Compute dtype of the text encoder: bf16 on RTX 30xx and newer, fp16 on older cards.",
+                    **ADVANCED,
                 ),
             ],
             outputs=[
@@ -240,7 +315,11 @@ class Flux2LocalVAELoader(io.ComfyNode):
                     tooltip="FLUX.2 VAE file in models/vae (32 latent channels, batch-norm statistics).",
                 ),
                 io.Combo.Input(
-                    "dtype", options=list(DTYPES), default="bf16", tooltip="Compute dtype of the VAE."
+                    "dtype",
+                    options=list(DTYPES),
+                    default="bf16",
+                    tooltip="Compute dtype of the VAE: bf16 on RTX 30xx and newer, fp16 on older cards.",
+                    **ADVANCED,
                 ),
             ],
             outputs=[

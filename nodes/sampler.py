@@ -16,12 +16,16 @@ try:  # ComfyUI >= 0.3.72 (native FLUX.2) has the latent format; older versions 
 except ImportError:
     _Flux2LatentFormat = None
 
-from ..flux2_core.sampling import DOWNSCALE, SCHEDULERS, SOLVERS
+from ..flux2_core.errors import InputError
+from ..flux2_core.sampling import DOWNSCALE, MAX_SIDE, MIN_SIDE, SCHEDULERS, SOLVERS, validate_size
 from . import memory
-from .common import latent_samples, user_errors
+from .common import auto_zero, latent_samples, user_errors
 from .types import CATEGORY, Flux2Conditioning, Flux2Model
 
 log = logging.getLogger(__name__)
+
+# validate_inputs' default for the optional latent: ComfyUI passes None when it is linked.
+_UNCONNECTED = object()
 
 
 def _previewer(device: torch.device):
@@ -90,18 +94,20 @@ class Flux2LocalSampler(io.ComfyNode):
                 io.Int.Input(
                     "width",
                     default=1024,
-                    min=64,
-                    max=8192,
+                    min=MIN_SIDE,
+                    max=MAX_SIDE,
                     step=DOWNSCALE,
-                    tooltip="Image width in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
+                    tooltip="Image width in pixels: a multiple of 16, at most 4 MP with the height (e.g. 1024x1024, "
+                    "1360x768, 2048x2048). Checked before anything loads. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
                     "height",
                     default=1024,
-                    min=64,
-                    max=8192,
+                    min=MIN_SIDE,
+                    max=MAX_SIDE,
                     step=DOWNSCALE,
-                    tooltip="Image height in pixels: a multiple of 16, at most 4 MP in total. Ignored when a latent is connected.",
+                    tooltip="Image height in pixels: a multiple of 16, at most 4 MP with the width. Checked before "
+                    "anything loads. Ignored when a latent is connected.",
                 ),
                 io.Int.Input(
                     "seed",
@@ -109,14 +115,18 @@ class Flux2LocalSampler(io.ComfyNode):
                     min=0,
                     max=0xFFFFFFFFFFFFFFFF,
                     control_after_generate=True,
-                    tooltip="Noise seed (ComfyUI's convention, so the same seed gives the same noise as native sampling).",
+                    tooltip="Noise seed (ComfyUI's convention: the same seed gives the same noise as native "
+                    "sampling). 'randomize' below picks a new one after every run; with 'fixed' a second Run "
+                    "with nothing changed does nothing (ComfyUI reuses the cached image).",
                 ),
                 io.Int.Input(
                     "steps",
                     default=0,
                     min=0,
                     max=200,
-                    tooltip="Sampling steps; 0 = the variant's default ([dev] 50, distilled [klein] 4, base [klein] 50).",
+                    tooltip="Sampling steps; auto (0) = the model's default: 4 for distilled [klein], 50 for [dev] "
+                    "and base [klein] (28 is a good trade-off for [dev]).",
+                    **auto_zero("steps"),
                 ),
                 io.Float.Input(
                     "guidance",
@@ -124,8 +134,11 @@ class Flux2LocalSampler(io.ComfyNode):
                     min=0.0,
                     max=30.0,
                     step=0.1,
-                    tooltip="0 = the variant's default. [dev]: embedded guidance (4). Base [klein]: CFG scale (4; "
-                    "above 1 uses the negative prompt). Distilled [klein]: fixed at 1.",
+                    tooltip="What it sets depends on the model (the node says which after a run). [dev]: embedded "
+                    "guidance, 4 by default (higher follows the prompt more closely). Base [klein]: the CFG "
+                    "scale, 4 by default (above 1 it also runs the negative prompt, twice the work). Distilled "
+                    "[klein]: not used. auto (0) = the model's default.",
+                    **auto_zero("guidance"),
                 ),
                 io.Float.Input(
                     "denoise",
@@ -172,6 +185,22 @@ class Flux2LocalSampler(io.ComfyNode):
                 ),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, width=None, height=None, latent=_UNCONNECTED):
+        """ComfyUI's check when the prompt is queued, before any node runs: the output size.
+
+        Values that come through a link are None here (the node checks them when it runs), and a
+        connected latent decides the size itself. ComfyUI repeats the message under every input
+        named here, so only the size's inputs are.
+        """
+        if width is None or height is None or latent is not _UNCONNECTED:
+            return True
+        try:
+            validate_size(int(width), int(height))
+        except InputError as e:
+            return f"FLUX.2 Sampler: {e}"
+        return True
 
     @classmethod
     @user_errors

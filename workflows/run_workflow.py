@@ -31,6 +31,8 @@ MODEL_INPUTS = {
     "model_name": ("diffusion_models", "unet"),
     "text_encoder_name": ("text_encoders", "clip"),
     "vae_name": ("vae",),
+    "lora_name": ("loras",),
+    "classifier": ("safety",),
 }
 DEFAULT_WORKFLOW = "flux2_klein_4b_text_to_image"
 
@@ -44,7 +46,7 @@ def needed_models(prompt: dict) -> list[tuple[tuple[str, ...], str]]:
     for node in prompt.values():
         for key, folders in MODEL_INPUTS.items():
             value = node["inputs"].get(key)
-            if isinstance(value, str):
+            if isinstance(value, str) and value != "none":
                 out.append((folders, value))
     return out
 
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workflow",
         default=DEFAULT_WORKFLOW,
-        help=f"name of a workflows/*.api.json file (default {DEFAULT_WORKFLOW})",
+        help=f"name of a workflows/api/*.api.json file (default {DEFAULT_WORKFLOW}), or a path",
     )
     parser.add_argument("--out", default=str(HERE.parent / "out"), help="folder for the PNG (default ./out)")
     parser.add_argument(
@@ -100,7 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    path = HERE / (args.workflow if args.workflow.endswith(".json") else f"{args.workflow}.api.json")
+    path = (
+        Path(args.workflow) if args.workflow.endswith(".json") else HERE / "api" / f"{args.workflow}.api.json"
+    )
+    if not path.is_file():
+        names = ", ".join(sorted(p.name.removesuffix(".api.json") for p in (HERE / "api").glob("*.api.json")))
+        say(f"no workflow {path}; the shipped ones are: {names}")
+        return 2
     prompt = json.loads(path.read_text())
     tree = comfyui_path()
     real_models = tree / "models"

@@ -29,6 +29,15 @@ _TEXT_PREFIXES = (
     "token_embd.",
 )
 _OLD_TEXT_PREFIXES = ("text_model.", "encoder.block.", "shared.", "transformer.resblocks.", "enc.blk.")
+# Where the pack's own loaders take each FLUX.2 part from. Each loader lists only its own ComfyUI model
+# folder, so "load it with X" must also say to move the file there.
+_OUR_LOADERS = {
+    FLUX2_TRANSFORMER: "the FLUX.2 Model Loader, after moving the file to ComfyUI/models/diffusion_models/ "
+    "(the only folder it lists, with models/unet)",
+    FLUX2_TEXT_ENCODER: "the FLUX.2 Text Encoder Loader, after moving the file to ComfyUI/models/text_encoders/ "
+    "(the only folder it lists)",
+    FLUX2_VAE: "the FLUX.2 VAE Loader, after moving the file to ComfyUI/models/vae/ (the only folder it lists)",
+}
 # general.architecture values of llama.cpp text models (a GGUF hint when the keys say little).
 TEXT_ARCHS = {"llama", "mistral3", "qwen3", "qwen2", "qwen2vl", "qwen3vl", "gemma3", "t5", "t5encoder"}
 
@@ -79,7 +88,7 @@ _SIGNATURES: tuple[tuple[Callable[[set[str]], bool], ModelKind], ...] = (
             or (_has(ks, "img_in.weight") and _has(ks, "single_stream_modulation.lin.weight"))
             or (_has(ks, "x_embedder.weight") and _has(ks, "double_stream_modulation_img.linear.weight"))
         ),
-        ModelKind(FLUX2_TRANSFORMER, "a FLUX.2 diffusion transformer", "the FLUX.2 Model Loader"),
+        ModelKind(FLUX2_TRANSFORMER, "a FLUX.2 diffusion transformer", _OUR_LOADERS[FLUX2_TRANSFORMER]),
     ),
     (
         lambda ks: _has(ks, "double_blocks.0.img_mod.lin.weight", "vector_in.in_layer.weight"),
@@ -112,7 +121,7 @@ _SIGNATURES: tuple[tuple[Callable[[set[str]], bool], ModelKind], ...] = (
     ),
     (
         lambda ks: _has(ks, "bn.running_mean") and _starts(ks, "decoder.", "encoder."),
-        ModelKind(FLUX2_VAE, "a VAE (the FLUX.2 VAE)", "the FLUX.2 VAE Loader"),
+        ModelKind(FLUX2_VAE, "a VAE (the FLUX.2 VAE)", _OUR_LOADERS[FLUX2_VAE]),
     ),
     (
         lambda ks: _starts(
@@ -130,7 +139,7 @@ _SIGNATURES: tuple[tuple[Callable[[set[str]], bool], ModelKind], ...] = (
     ),
     (
         lambda ks: _starts(ks, *_TEXT_PREFIXES),
-        ModelKind(FLUX2_TEXT_ENCODER, "a text encoder (language model)", "the FLUX.2 Text Encoder Loader"),
+        ModelKind(FLUX2_TEXT_ENCODER, "a text encoder (language model)", _OUR_LOADERS[FLUX2_TEXT_ENCODER]),
     ),
     (
         lambda ks: _starts(
@@ -169,7 +178,7 @@ def identify(
                 return _vae_kind(shape(z_key)[1] if z_key else None)
             return kind
     if architecture in TEXT_ARCHS:
-        return ModelKind(FLUX2_TEXT_ENCODER, f"a {architecture} text model", "a text-encoder loader")
+        return ModelKind(FLUX2_TEXT_ENCODER, f"a {architecture} text model", _OUR_LOADERS[FLUX2_TEXT_ENCODER])
     return None
 
 

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,8 @@ LATENT_CHANNELS = 128
 DOWNSCALE = 16  # pixels per packed latent cell
 MIN_SIDE = 64
 MAX_PIXELS = 4 * 1024 * 1024
+# The longest side a valid size can have: 4 MP over the shortest side (64 x 65536).
+MAX_SIDE = MAX_PIXELS // MIN_SIDE
 TEXT_TOKENS = 512  # prompt embeddings are always padded or cut to 512 tokens
 
 
@@ -46,7 +50,7 @@ def validate_size(width: int, height: int) -> None:
     """Raise ``InputError`` unless width and height are multiples of 16 within [64, 4 MP].
 
     We refuse instead of silently rounding so that a workflow never produces a different size
-    than asked for; the message gives the nearest valid size.
+    than asked for; the message suggests ``nearest_valid_size`` (itself valid, same aspect ratio).
     """
     problems = []
     if width % DOWNSCALE or height % DOWNSCALE:
@@ -56,12 +60,43 @@ def validate_size(width: int, height: int) -> None:
     if width * height > MAX_PIXELS:
         problems.append(f"the image may have at most {MAX_PIXELS} pixels (4 MP, e.g. 2048x2048)")
     if problems:
-        w = max(MIN_SIDE, round(width / DOWNSCALE) * DOWNSCALE)
-        h = max(MIN_SIDE, round(height / DOWNSCALE) * DOWNSCALE)
+        w, h = nearest_valid_size(width, height)
         raise InputError(
             f"Invalid output size {width}x{height}: {'; '.join(problems)}. "
-            f"Fix: use e.g. {w}x{h} (within 4 MP)."
+            f"Fix: use e.g. {w}x{h} (about the same aspect ratio, multiples of 16, within 4 MP)."
         )
+
+
+def nearest_valid_size(width: int, height: int) -> tuple[int, int]:
+    """The valid size (multiples of 16, sides >= 64, at most 4 MP) closest in shape to ``width`` x ``height``.
+
+    A valid size is returned unchanged. Otherwise the size is scaled down to 4 MP if it is larger
+    (keeping the aspect ratio), each side is rounded down or up to a multiple of 16 (at least 64),
+    and of the candidates within 4 MP the one with the closest aspect ratio wins (then the larger).
+    E.g. 8192x8192 -> 2048x2048, 4096x1040 -> 4064x1024, 1000x1024 -> 1008x1024.
+    """
+    width, height = max(int(width), 1), max(int(height), 1)
+    scale = min(1.0, math.sqrt(MAX_PIXELS / (width * height)))
+    ideal_w, ideal_h = width * scale, height * scale
+
+    def sides(ideal: float) -> set[int]:
+        # A side that is already a multiple of 16 stays; others are rounded down and up.
+        lo = math.floor(ideal / DOWNSCALE) * DOWNSCALE
+        steps = (lo,) if ideal == lo else (lo, lo + DOWNSCALE)
+        return {min(max(s, MIN_SIDE), MAX_SIDE) for s in steps}
+
+    aspect = math.log(width / height)
+    candidates = [(w, h) for w in sides(ideal_w) for h in sides(ideal_h) if w * h <= MAX_PIXELS]
+    if (width, height) in candidates:
+        return width, height
+    if not candidates:  # a side clamped up to 64 pushed every pair over 4 MP: shorten the other one
+        w, h = sorted(sides(ideal_w))[0], sorted(sides(ideal_h))[0]
+        if w >= h:
+            w = MAX_PIXELS // h // DOWNSCALE * DOWNSCALE
+        else:
+            h = MAX_PIXELS // w // DOWNSCALE * DOWNSCALE
+        return w, h
+    return min(candidates, key=lambda wh: (abs(math.log(wh[0] / wh[1]) - aspect), -wh[0] * wh[1]))
 
 
 def pack(latents: Tensor) -> Tensor:

@@ -32,6 +32,11 @@ TEXT_ENCODER_FILES = (
     ("qwen_3_8b.safetensors", "qwen3-8b"),
 )
 VAE_FILE = "flux2-vae.safetensors"
+# The [dev] GGUF (city96's naming), the Turbo LoRA for [dev] and the NSFW classifier folder that the
+# GGUF, LoRA and safety workflows name.
+GGUF_FILE = ("flux2-dev-Q4_K_M.gguf", "dev", "Q4_K_M")
+LORA_FILE = ("Flux2TurboComfyv2.safetensors", "dev")
+CLASSIFIER_FOLDER = "nsfw_image_detection"
 MARKER = "flux2local-tiny-set.json"
 
 
@@ -40,9 +45,10 @@ def write_tiny_model_set(
 ) -> dict[str, Path]:
     """Writes a full tiny random FLUX.2 set into ComfyUI's model folders.
 
-    Files: every transformer variant in ``diffusion_models/`` (BFL, ComfyUI and ComfyUI-FP8 layouts),
-    Mistral-3 and Qwen3 text encoders in ``text_encoders/`` and the VAE in ``vae/``, under the
-    official file names. Each transformer's text width equals its tiny text encoder's output width
+    Files: every transformer variant in ``diffusion_models/`` (BFL, ComfyUI and ComfyUI-FP8 layouts,
+    and a [dev] GGUF), Mistral-3 and Qwen3 text encoders in ``text_encoders/``, the VAE in ``vae/``,
+    a [dev] LoRA in ``loras/`` and an NSFW classifier folder in ``safety/``, under the official file
+    names. Each transformer's text width equals its tiny text encoder's output width
     (3 stacked hidden states), so the pairs the workflows use fit together.
 
     Args:
@@ -81,14 +87,48 @@ def write_tiny_model_set(
         written[VAE_FILE] = Path(write_tiny_vae(vae_path, layout="comfyui", seed=seed + 200))
     else:
         written[VAE_FILE] = vae_path
+    written.update(_write_extras(root, seed, overwrite, context_dims))
     (root / MARKER).write_text(json.dumps({"seed": seed, "files": sorted(written)}, indent=1))
     log.info("tiny FLUX.2 set in %s (%d files)", root, len(written))
     return written
 
 
+def _write_extras(root: Path, seed: int, overwrite: bool, context_dims: dict[str, int]) -> dict[str, Path]:
+    """The [dev] GGUF, its LoRA and the NSFW classifier (safetensors, GGUF and safety workflows)."""
+    from .gguf import write_tiny_gguf_transformer
+    from .lora import write_tiny_lora
+    from .safety import write_tiny_nsfw_classifier
+    from .transformer import tiny_config
+
+    out = {}
+    name, variant, mix = GGUF_FILE
+    path = root / "diffusion_models" / name
+    if overwrite or not path.exists():
+        write_tiny_gguf_transformer(
+            path, variant, mix=mix, seed=seed + 300, context_dim=context_dims["mistral3"]
+        )
+    out[name] = path
+    name, variant = LORA_FILE
+    path = root / "loras" / name
+    if overwrite or not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_lora(path, tiny_config(variant, context_dim=context_dims["mistral3"]), seed=seed + 400)
+    out[name] = path
+    path = root / "safety" / CLASSIFIER_FOLDER
+    if overwrite or not (path / "config.json").exists():
+        write_tiny_nsfw_classifier(path, verdict="normal", seed=seed + 500)
+    out[CLASSIFIER_FOLDER] = path
+    return out
+
+
 def is_tiny_model_set(models_dir: str | os.PathLike) -> bool:
-    """True if ``models_dir`` holds a set written by ``write_tiny_model_set``."""
-    return (Path(models_dir) / MARKER).is_file()
+    """True if ``models_dir`` holds a complete set written by ``write_tiny_model_set``."""
+    marker = Path(models_dir) / MARKER
+    if not marker.is_file():
+        return False
+    expected = {n for n, *_ in TRANSFORMER_FILES} | {n for n, _ in TEXT_ENCODER_FILES}
+    expected |= {VAE_FILE, GGUF_FILE[0], LORA_FILE[0], CLASSIFIER_FOLDER}
+    return expected <= set(json.loads(marker.read_text()).get("files", []))
 
 
 def _context_dim(text_encoder_file: Path) -> int:

@@ -75,7 +75,7 @@ DECODERS = {"Flux2LocalVAEDecode", "VAEDecode"}
 # ------------------------------------------------------------------------------------ workflows
 def ours_prompt(s: tti_models.ModelSet, text: str, seed: int, size: int | None, steps: int | None) -> dict:
     """The shipped API workflow with this set's files, the prompt text and seed."""
-    g = json.loads((ROOT / "workflows" / f"{s.workflow}.api.json").read_text())
+    g = json.loads((ROOT / "workflows" / "api" / f"{s.workflow}.api.json").read_text())
     for node in g.values():
         i, kind = node["inputs"], node["class_type"]
         if kind == "Flux2LocalModelLoader":

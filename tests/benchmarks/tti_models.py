@@ -56,7 +56,7 @@ class ModelSet:
         text_encoder: file name under text_encoders/.
         te_kind: "qwen3-4b", "qwen3-8b" or "mistral3".
         te_layout: "comfyui" (bf16) or "comfyui-fp8".
-        workflow: the shipped API workflow (workflows/<name>.api.json) run by our nodes.
+        workflow: the shipped API workflow (workflows/api/<name>.api.json) run by our nodes.
         transformer_layout: layout override (None: the tiny set's layout for that file name);
             "gguf-<mix>" writes a GGUF with that storage mix (e.g. "gguf-Q4_K_M").
     """

@@ -11,7 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-WORKFLOWS = Path(__file__).resolve().parents[2] / "workflows"
+REPO = Path(__file__).resolve().parents[2]
+# API-format workflows (POST /prompt, workflows/run.sh) and the editor templates (UI format).
+WORKFLOWS = REPO / "workflows" / "api"
+TEMPLATES = REPO / "example_workflows"
 # Editor-only node types: they never reach the server and are absent from /object_info.
 FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 REFERENCE_SIZES = ((96, 64), (64, 64), (80, 112))  # (width, height), deliberately not square
@@ -22,7 +25,7 @@ def api_workflows() -> list[Path]:
 
 
 def ui_workflows() -> list[Path]:
-    return sorted(p for p in WORKFLOWS.glob("*.json") if not p.name.endswith(".api.json"))
+    return sorted(TEMPLATES.glob("*.json"))
 
 
 def load(path: Path) -> dict:

@@ -10,6 +10,7 @@ test FAILS, saying how to fetch it, when it is not.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -48,6 +49,53 @@ def comfy(tmp_path_factory) -> ComfyServer:
         yield server
     finally:
         server.stop()
+
+
+_SHOTS: list[Path] = []  # the screenshot folder, once made, for the end-of-run summary
+
+
+@pytest.fixture(scope="session")
+def screenshots(tmp_path_factory) -> Path:
+    """Where the editor tests save screenshots for a person to look at (the tests do not read them):
+    $FLUX2LOCAL_SCREENSHOT_DIR, else ``editor-screenshots`` under pytest's base temp folder."""
+    folder = Path(
+        os.environ.get("FLUX2LOCAL_SCREENSHOT_DIR") or tmp_path_factory.getbasetemp() / "editor-screenshots"
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    _SHOTS[:] = [folder]
+    return folder
+
+
+@pytest.fixture(scope="session")
+def editor(comfy):
+    """One headless Chromium on the session server's editor, ready and with no dialog open."""
+    from browser import BrowserError, Page
+    from editor_page import CLOSE_DIALOGS, DIALOGS, READY
+
+    try:
+        page = Page().__enter__()
+    except BrowserError as e:
+        failure = str(e)  # failed outside the except block, so the report is just this message
+    else:
+        failure = None
+    if failure:
+        pytest.fail(failure, pytrace=False)
+    try:
+        page.navigate(comfy.url + "/")
+        page.wait_for(READY, timeout=90, what="the ComfyUI editor with the Flux2Local nodes")
+        # A new user gets the templates browser on start: close it, so that any dialog seen later
+        # comes from what a test did.
+        left = page.call(CLOSE_DIALOGS)
+        assert left == 0, f"could not close the start-up dialogs: {page.evaluate(DIALOGS)}"
+        yield page
+    finally:
+        page.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SHOTS and _SHOTS[0].is_dir():
+        count = len(list(_SHOTS[0].glob("*.png")))
+        terminalreporter.write_line(f"editor screenshots ({count}): {_SHOTS[0]}")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -124,9 +124,24 @@ def test_eleven_references_are_refused(comfy):
     _assert_still_serving(comfy)
 
 
-def test_width_not_multiple_of_16(comfy):
+def test_width_not_multiple_of_16_is_refused_when_queued(comfy):
     prompt = shrink(load(KLEIN))
-    nodes_of(prompt, "Flux2LocalSampler")[0]["inputs"]["width"] = 1000
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "Flux2LocalSampler")
+    prompt[sampler]["inputs"]["width"] = 1000
+    status, body = comfy.queue_prompt(prompt)  # ComfyUI's input validation: before any node runs
+    assert status == 400, body
+    details = [e["details"] for e in body["node_errors"][sampler]["errors"]]
+    assert details and all(
+        "1000x128" in d and "multiples of 16" in d and "use e.g. 1008x128" in d for d in details
+    )
+    _assert_still_serving(comfy)
+
+
+def test_linked_width_not_multiple_of_16_is_refused_when_the_sampler_runs(comfy):
+    """A size that comes through a link is unknown while queueing; the sampler refuses it itself."""
+    prompt = shrink(load(KLEIN))
+    prompt["91"] = {"class_type": "PrimitiveInt", "inputs": {"value": 1000}}
+    nodes_of(prompt, "Flux2LocalSampler")[0]["inputs"]["width"] = ["91", 0]
     err = _error_of(comfy, prompt)
     assert err["node_type"] == "Flux2LocalSampler"
     assert err["exception_type"] == "Flux2Local.Flux2LocalError"

@@ -110,7 +110,7 @@ def test_diffusers_transformer_folder_is_listed_and_loads(comfy):
     entry = comfy.run(prompt)
     assert history_error(entry) is None, history_error(entry)
     (info,) = entry["outputs"]["show"]["text"]
-    assert "format diffusers" in info and "2 double + 2 single blocks" in info
+    assert "diffusers folder" in info and "2 double + 2 single blocks" in info
 
 
 @pytest.mark.parametrize(

@@ -75,6 +75,10 @@ def test_foreign_models_are_named(tmp_path, kind):
         load_transformer(path)
     msg = str(e.value)
     assert str(path) in msg and needle in msg and "Fix:" in msg
+    # A FLUX.2 part in the wrong folder: the loader that takes it lists only its own folder.
+    folder = {"vae": "models/vae/", "qwen3": "models/text_encoders/", "comfy_te": "models/text_encoders/"}
+    if kind in folder:
+        assert f"moving the file to ComfyUI/{folder[kind]}" in msg, msg
 
 
 def test_missing_keys_listed(tmp_path, tiny_files):

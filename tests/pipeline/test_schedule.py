@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from flux2_core import InputError, flux2_sigmas, validate_size
-from flux2_core.sampling import image_ids, pack, reference_tokens, text_ids, unpack
+from flux2_core import InputError, flux2_sigmas, nearest_valid_size, validate_size
+from flux2_core.sampling import MAX_PIXELS, MIN_SIDE, image_ids, pack, reference_tokens, text_ids, unpack
 from flux2_core.sampling.schedule import empirical_mu
 
 
@@ -83,3 +86,42 @@ def test_bad_sizes(w, h):
 @pytest.mark.parametrize("w, h", [(64, 64), (1024, 1024), (2048, 2048), (4096, 1024), (1360, 768)])
 def test_good_sizes(w, h):
     validate_size(w, h)
+
+
+def _suggested(w: int, h: int) -> tuple[int, int]:
+    with pytest.raises(InputError) as e:
+        validate_size(w, h)
+    found = re.search(r"Fix: use e\.g\. (\d+)x(\d+)", str(e.value))
+    assert found, str(e.value)
+    return int(found[1]), int(found[2])
+
+
+# Too large (square, wide, tall, just over), not multiples of 16, too small, and sizes a client could
+# send that no widget allows; plus a seeded spread of random ones.
+_rng = np.random.default_rng(7)
+BAD_SIZES = [(8192, 8192), (4096, 4096), (2064, 2048), (4096, 1040), (1000, 1024), (1023, 777), (48, 1024)]
+BAD_SIZES += [(8192, 512 + 16), (30, 30), (100000, 100), (10, 10_000_000), (3000, 2000), (2560, 1700)]
+BAD_SIZES += [tuple(int(v) for v in _rng.integers(16, 9000, 2)) for _ in range(60)]
+
+
+@pytest.mark.parametrize(
+    "w, h", [s for s in BAD_SIZES if s[0] % 16 or s[1] % 16 or min(s) < 64 or s[0] * s[1] > MAX_PIXELS]
+)
+def test_size_suggestion_is_valid_and_keeps_the_shape(w, h):
+    sw, sh = _suggested(w, h)
+    validate_size(sw, sh)  # the suggestion itself is accepted
+    assert nearest_valid_size(sw, sh) == (sw, sh)  # and left alone
+    if min(w, h) * math.sqrt(min(1.0, MAX_PIXELS / (w * h))) >= 4 * MIN_SIDE:
+        # No side had to be raised to 64: the aspect ratio moves only by the rounding to 16 pixels.
+        assert abs(math.log((sw / sh) / (w / h))) <= 2 * 16 / min(sw, sh) + 1e-9, (sw, sh)
+    if w * h > MAX_PIXELS:
+        # Scaled down to fit, not further than the rounding needs.
+        assert sw * sh >= MAX_PIXELS * (1 - 2 * 16 / min(sw, sh)), (sw, sh)
+    elif min(w, h) >= MIN_SIDE:
+        assert abs(sw - w) < 16 and abs(sh - h) < 16, (sw, sh)
+
+
+def test_valid_sizes_are_their_own_suggestion():
+    for w, h in [(64, 64), (1024, 1024), (2048, 2048), (64, 65536), (1360, 768)]:
+        validate_size(w, h)
+        assert nearest_valid_size(w, h) == (w, h)
