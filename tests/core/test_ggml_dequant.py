@@ -2,13 +2,12 @@
 blocks with zero, subnormal, tiny and extreme fp16 scales (K-quants built as raw bytes: the gguf
 package cannot quantize them)."""
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
 from flux2_core.quant import GGML_TYPES, GGUFLinear, dequantize_ggml
-
-gguf = pytest.importorskip("gguf")
 
 # byte offsets of each type's fp16 scale fields (d, dmin / m)
 F16_FIELDS = {

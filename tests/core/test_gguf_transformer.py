@@ -3,6 +3,7 @@ on the same (dequantized) weights, every variant detected, every bad file named.
 
 import os
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,6 @@ from flux2_core.quant import GGUFLinear, QuantLinear
 from flux2_core.tiny.gguf import reference_state_dict, write_tiny_gguf_transformer
 
 from .conftest import make_inputs
-
-gguf = pytest.importorskip("gguf")
 
 
 def _mapped_file(ptr: int) -> str | None:

@@ -3,15 +3,13 @@ diffusers' own BFL-to-diffusers conversion (float32)."""
 
 import pytest
 import torch
+from diffusers import Flux2Transformer2DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
 from safetensors.torch import load_file
 
 from flux2_core import Flux2KVCache, load_transformer
 
 from .conftest import make_inputs
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import Flux2Transformer2DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
 
 
 def _reference(path, config):

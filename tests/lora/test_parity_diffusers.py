@@ -13,20 +13,18 @@ from __future__ import annotations
 
 import logging
 
+import peft  # noqa: F401
 import pytest
 import torch
+from diffusers import Flux2Transformer2DModel  # noqa: E402
+from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
 from safetensors.torch import load_file
 
 from flux2_core import apply_loras, load_lora, load_transformer
 from flux2_core.tiny.lora import lora_targets
 
 from .conftest import make_inputs, rel_err
-
-pytest.importorskip("peft")
-diffusers = pytest.importorskip("diffusers")
-from diffusers import Flux2Transformer2DModel  # noqa: E402
-from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_flux2_transformer_checkpoint_to_diffusers  # noqa: E402
 
 
 def _diffusers_model(path, c):

@@ -6,9 +6,11 @@ the choice of decoder, the fallback on a failure and the torch.compile path."""
 import importlib
 import logging
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import triton  # noqa: F401
 
 import flux2_core.quant.ggml as ggml
 from flux2_core import load_transformer
@@ -16,9 +18,6 @@ from flux2_core.quant import GGML_TYPES, GGUFLinear, QuantLinear, dequantize_ggm
 from flux2_core.quant.scratch import release_scratch, scratch
 from flux2_core.tiny.gguf import write_tiny_gguf_transformer
 from flux2_core.tiny.transformer import tiny_config
-
-gguf = pytest.importorskip("gguf")
-pytest.importorskip("triton")
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # fp16 -> inf
 

@@ -6,8 +6,7 @@ import importlib
 import re
 
 import pytest
-
-triton = pytest.importorskip("triton")
+import triton
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +33,8 @@ def _compile(module, name: str, out: int, arch: int):
         constexprs={"BPP": bpp, "OUT": out},
         attrs={(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]},
     )
-    try:
-        return triton.compile(src, target=GPUTarget("cuda", arch, 32))
-    except (RuntimeError, FileNotFoundError) as e:  # a Triton build without the NVIDIA toolchain
-        if "ptxas" in str(e) or "backend" in str(e):
-            pytest.skip(f"this Triton cannot compile for CUDA here: {e}")
-        raise
+    # Triton's Linux wheels bundle ptxas, so this compiles without a GPU; a build without it fails.
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32))
 
 
 @pytest.mark.parametrize("arch", [80, 90])
