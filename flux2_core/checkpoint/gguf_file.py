@@ -25,7 +25,6 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +33,7 @@ from ..errors import CheckpointError
 from ..quant.ggml import GGML_BY_ID, GGMLType, dequantize_ggml
 from .identity import FileIdentity, memory_map_default, record_opened, record_read
 from .safetensors_file import read_range
+from .tensor_index import TensorIndex
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class GGUFTensorInfo:
     offset: int
 
 
-class GGUFFile:
+class GGUFFile(TensorIndex[GGUFTensorInfo]):
     """One GGUF file, parsed and memory-mapped once.
 
     Args:
@@ -218,24 +218,6 @@ class GGUFFile:
         return arch if isinstance(arch, str) else None
 
     # --------------------------------------------------------------------------------- tensors
-    def keys(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, key: str) -> GGUFTensorInfo:
-        try:
-            return self._infos[key]
-        except KeyError:
-            raise CheckpointError(self.path, f"has no tensor named '{key}'.") from None
-
     def shape(self, key: str) -> tuple[int, ...]:
         """Logical shape (PyTorch order)."""
         return self.info(key).shape

@@ -16,13 +16,13 @@ import logging
 import math
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import CheckpointError
 from .identity import FileIdentity, memory_map_default, record_opened, record_read
+from .tensor_index import TensorIndex
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-class SafetensorsFile:
+class SafetensorsFile(TensorIndex[TensorInfo]):
     """One safetensors file with a validated header.
 
     Args:
@@ -220,26 +220,6 @@ class SafetensorsFile:
         return TensorInfo(dtype, shape, data_start + begin, data_start + end)
 
     # ----------------------------------------------------------------------------------- access
-    def keys(self) -> list[str]:
-        """Tensor names, in file order."""
-        return list(self._infos)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, key: str) -> TensorInfo:
-        """The header entry of ``key`` (dtype, shape, absolute byte range)."""
-        try:
-            return self._infos[key]
-        except KeyError:
-            raise CheckpointError(self.path, f"has no tensor named '{key}'.") from None
-
     def shape(self, key: str) -> tuple[int, ...]:
         return self.info(key).shape
 

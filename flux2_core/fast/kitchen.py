@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model.blocks import EAGER_STAGES, BlockStages, DoubleStreamBlock, SingleStreamBlock
+from ..model.blocks import EAGER_STAGES, BlockStages, DoubleStreamBlock, SingleStreamBlock, double_post
 from ..model.embeddings import ModulationOut
 from ..model.rope import Rope
 
@@ -72,13 +72,7 @@ def kitchen_double_post(
     mod_txt: tuple[ModulationOut, ModulationOut],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``blocks.double_post`` with the MLPs' LN + modulation fused."""
-    n_txt = txt.shape[1]
-    out = out.flatten(2)  # (B, L, H)
-    img = torch.addcmul(img, mod_img[0].gate, block.img_attn.proj(out[:, n_txt:]))
-    img = torch.addcmul(img, mod_img[1].gate, block.img_mlp(_adaln(img, mod_img[1])))
-    txt = torch.addcmul(txt, mod_txt[0].gate, block.txt_attn.proj(out[:, :n_txt]))
-    txt = torch.addcmul(txt, mod_txt[1].gate, block.txt_mlp(_adaln(txt, mod_txt[1])))
-    return img, txt
+    return double_post(block, img, txt, out, mod_img, mod_txt, adaln=_adaln)
 
 
 def kitchen_single_pre(

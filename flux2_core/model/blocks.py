@@ -24,6 +24,11 @@ def _ln(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
 
 
+def modulated_ln(x: torch.Tensor, mod: ModulationOut) -> torch.Tensor:
+    """(1 + scale) * LN(x) + shift; x (B, L, H)."""
+    return mod.modulate(_ln(x))
+
+
 class SelfAttention(nn.Module):
     """Weights of one stream's attention: fused ``qkv`` (3H laid out (3, heads, 128)), QK-norm, ``proj``."""
 
@@ -109,14 +114,18 @@ def double_post(
     out: torch.Tensor,
     mod_img: tuple[ModulationOut, ModulationOut],
     mod_txt: tuple[ModulationOut, ModulationOut],
+    adaln: Callable[[torch.Tensor, ModulationOut], torch.Tensor] = modulated_ln,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention output (B, L, h, D) -> projections, gated residuals, MLPs. Returns (img, txt)."""
+    """Attention output (B, L, h, D) -> projections, gated residuals, MLPs. Returns (img, txt).
+
+    ``adaln`` is the MLPs' LN + modulation (the fast path passes a fused one).
+    """
     n_txt = txt.shape[1]
     out = out.flatten(2)  # (B, L, H)
     img = torch.addcmul(img, mod_img[0].gate, block.img_attn.proj(out[:, n_txt:]))
-    img = torch.addcmul(img, mod_img[1].gate, block.img_mlp(mod_img[1].modulate(_ln(img))))
+    img = torch.addcmul(img, mod_img[1].gate, block.img_mlp(adaln(img, mod_img[1])))
     txt = torch.addcmul(txt, mod_txt[0].gate, block.txt_attn.proj(out[:, :n_txt]))
-    txt = torch.addcmul(txt, mod_txt[1].gate, block.txt_mlp(mod_txt[1].modulate(_ln(txt))))
+    txt = torch.addcmul(txt, mod_txt[1].gate, block.txt_mlp(adaln(txt, mod_txt[1])))
     return img, txt
 
 
